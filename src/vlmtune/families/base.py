@@ -1,0 +1,65 @@
+"""What every model family tells vlmtune. One file per family implements it; nothing else knows its quirks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
+
+
+class Family(ABC):
+    """A family of image-to-text models (BLIP-2, InstructBLIP, LLaVA, ...).
+
+    Everything that differs between families lives behind this interface: how a prompt looks, where the
+    image goes in the token sequence, how labels are masked, which modules LoRA targets and what stays frozen.
+    """
+
+    name: str
+    question_template: str = "Question: {question} Answer:"
+
+    def __init__(self, config: Any):
+        self.config = config  # the model's transformers config; a family instance serves one model
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, config: Any) -> bool:
+        """Whether a transformers config belongs to this family."""
+
+    @abstractmethod
+    def lora_target_modules(self) -> str:
+        """peft `target_modules` (a regex over module names) for the default LoRA placement."""
+
+    @abstractmethod
+    def extra_trainable_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
+        """Module names trained in full next to LoRA (peft `modules_to_save`)."""
+
+    @abstractmethod
+    def frozen_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
+        """Modules with no trainable weight at all: kept in eval mode during training (no dropout noise)."""
+
+    @abstractmethod
+    def encode(
+        self,
+        processor: Any,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        targets: Sequence[str] | None,
+        *,
+        max_length: int,
+        padding_side: str,
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for a batch; with `targets`, also `labels` masked to the target tokens alone."""
+
+    @abstractmethod
+    def generate(
+        self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
+    ) -> list[str]:
+        """Decoded continuations of `batch` (prompt tokens stripped)."""
+
+    def format_question(self, question: str) -> str:
+        return self.question_template.format(question=question.strip())

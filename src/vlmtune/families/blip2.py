@@ -1,0 +1,149 @@
+"""BLIP-2 (ViT + Q-Former + a decoder-only language model such as OPT).
+
+The token sequence the language model sees, for one example:
+
+    <image> x num_query_tokens | BOS | prompt tokens | target tokens | EOS | padding
+    ---------- label -100 -------------------------  | trained ------------ | -100
+
+The processor puts the image placeholders first; the model swaps their embeddings for the Q-Former's output
+(transformers >= 4.47 finds the image by these placeholders alone, so text tokenised without them trains a
+model that never sees the image). BLIP-2 OPT ends a caption with "\\n" (id 50118), its config's
+`eos_token_id`, not with the tokenizer's `</s>`; generation stops on the same id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import IGNORE_INDEX, Family
+
+# Linear layers of OPT-style decoders: attention projections and the two MLP layers. The regex is anchored
+# under `language_model` because the vision encoder also names its MLP `fc1`/`fc2`.
+OPT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+
+
+class Blip2(Family):
+    name = "blip-2"
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) == "blip-2"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        text = config.text_config
+        if not config.use_decoder_only_language_model:
+            raise NotImplementedError(
+                f"BLIP-2 with an encoder-decoder language model ({text.model_type}) is not supported yet; "
+                "use a BLIP-2 OPT checkpoint such as Salesforce/blip2-opt-2.7b."
+            )
+        if text.model_type != "opt":
+            raise NotImplementedError(f"BLIP-2 with a {text.model_type} language model is not supported yet.")
+        self.image_token_id: int = config.image_token_id
+        self.num_query_tokens: int = config.num_query_tokens
+        self.eos_token_id: int = text.eos_token_id
+        if self.image_token_id is None:
+            raise ValueError(
+                "This BLIP-2 config has no image_token_index: it predates transformers 4.47. Load the current "
+                "revision of the checkpoint (the hub's main branch has it)."
+            )
+
+    def lora_target_modules(self) -> str:
+        return OPT_TARGETS
+
+    def extra_trainable_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
+        return [
+            name for name, on in (("qformer", train_qformer), ("language_projection", train_projection)) if on
+        ]
+
+    def frozen_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
+        return ["vision_model"] + ([] if train_qformer else ["qformer"])
+
+    def encode(
+        self,
+        processor: Any,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        targets: Sequence[str] | None,
+        *,
+        max_length: int,
+        padding_side: str,
+    ) -> dict[str, torch.Tensor]:
+        """Inputs, and with `targets` the labels, for a batch.
+
+        Args:
+            images: RGB images, one per example.
+            prompts: text before the target ("" for plain captioning, "Question: ... Answer:" for VQA).
+            targets: what the model should learn to say, or None at generation time.
+            max_length: most text tokens per example (BOS, prompt, target, EOS); image placeholders not counted.
+                A target cut short by it gets no EOS, so the model never learns to stop mid-sentence.
+            padding_side: "right" for training, "left" for batched generation.
+
+        Returns:
+            `input_ids`, `attention_mask`, `labels` (with targets): (B, T) long; `pixel_values`: (B, 3, H, W).
+        """
+        # The processor is called with images and text together: that is what inserts the placeholders.
+        enc = processor(images=list(images), text=list(prompts), padding=False)
+        tokenizer = processor.tokenizer
+        target_ids = (
+            tokenizer(
+                [_target_text(p, t) for p, t in zip(prompts, targets, strict=True)], add_special_tokens=False
+            )["input_ids"]
+            if targets is not None
+            else [[] for _ in prompts]
+        )
+        rows, labels = [], []
+        for ids, tgt in zip(enc["input_ids"], target_ids, strict=True):
+            n_image = sum(1 for i in ids if i == self.image_token_id)
+            if n_image != self.num_query_tokens:
+                raise ValueError(
+                    f"The processor inserted {n_image} image tokens but the model has {self.num_query_tokens} "
+                    "query tokens: processor and model come from different checkpoints."
+                )
+            room = max_length - (len(ids) - n_image)
+            if targets is not None:
+                if room < 1:
+                    raise ValueError(f"The prompt alone takes {len(ids) - n_image} tokens; raise max_length.")
+                tgt = tgt + [self.eos_token_id] if len(tgt) < room else tgt[:room]
+            rows.append(ids + tgt)
+            labels.append([IGNORE_INDEX] * len(ids) + tgt)
+        batch = _pad(rows, labels, tokenizer.pad_token_id, padding_side)
+        if targets is None:
+            del batch["labels"]
+        batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
+        return batch
+
+    @torch.no_grad()
+    def generate(
+        self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
+    ) -> list[str]:
+        kwargs.setdefault("eos_token_id", self.eos_token_id)
+        kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
+        out = model.generate(**batch, **kwargs)
+        # Decoder-only generation returns the prompt too: (B, T_prompt + T_new).
+        new = out[:, batch["input_ids"].shape[1] :]
+        return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _target_text(prompt: str, target: str) -> str:
+    # After a prompt ("... Answer:") the answer is a new word; a bare caption starts right after BOS.
+    target = target.strip()
+    return " " + target if prompt else target
+
+
+def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        lab[i, span] = torch.tensor(lb)
+        mask[i, span] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
