@@ -1,0 +1,200 @@
+"""What each command takes, as typed dataclasses. The CLI, YAML presets and the Python API all read these.
+
+A field's `help` is its documentation everywhere: `--help`, the README and preset comments come from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "8bit", "4bit"]
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning of an image-to-text model on image-caption (or question-answer) pairs."""
+
+    # model
+    model: str = opt(DEFAULT_MODEL, "hub id, local directory, or 'tiny' (the shipped offline base)")
+    dtype: Dtype = opt(
+        "auto", "weights dtype: auto = bf16 on CUDA if supported, else fp16 on CUDA, fp32 on CPU"
+    )
+    quantize: Quantize = opt(
+        "none", "load the base in 8bit or 4bit (QLoRA: nf4, double quant) via bitsandbytes"
+    )
+    # data
+    data: str = opt(
+        "ybelkada/football-dataset", "hub dataset id, datasets directory, parquet/arrow, imagefolder"
+    )
+    split: str = opt("train", "split to train on")
+    val_split: str | None = opt(
+        None, "split to validate on (default: none, or --val-fraction of the train split)"
+    )
+    val_fraction: float = opt(0.0, "fraction of the train split held out for validation when no --val-split")
+    image_column: str = opt("image", "column holding the image")
+    text_column: str = opt("text", "column holding the caption (the target)")
+    prompt: str = opt("", "text before every caption, masked out of the loss (e.g. 'a photo of')")
+    max_length: int = opt(
+        64, "most text tokens per example (prompt + caption + end); longer captions are cut"
+    )
+    # LoRA
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lora_targets: str | None = opt(None, "peft target_modules regex (default: the family's, see README)")
+    train_qformer: bool = opt(False, "also train the Q-Former in full (saved with the adapter)")
+    train_projection: bool = opt(False, "also train the language projection in full (saved with the adapter)")
+    # optimisation
+    epochs: int = opt(5, "passes over the training split")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = opt(4, "examples per device per step")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up linearly")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the language model")
+    seed: int = opt(42, "seed for weights init, data order and dropout")
+    num_workers: int = opt(0, "DataLoader worker processes decoding images")
+    # output
+    output: str = opt("runs/blip2-lora", "run directory to write")
+    overwrite: bool = opt(False, "replace an existing run directory's adapter")
+    log_every: int = opt(10, "optimizer steps between loss log lines")
+    sample_every: int = opt(100, "optimizer steps between sample captions (0: only at the end)")
+    num_samples: int = opt(2, "images captioned at each sample point")
+
+
+@dataclass
+class CaptionConfig:
+    """Caption image files or folders, with a base model or a fine-tuned run directory."""
+
+    images: list[str] = opt([], "image files or folders", positional=True)
+    run: str | None = opt(None, "run directory from `vlmtune train` (base model and adapter)")
+    model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
+    prompt: str = opt("", "text the caption continues (default: the run's training prompt)")
+    batch_size: int = opt(8, "images per generate call")
+    max_new_tokens: int = opt(40, "longest caption in tokens")
+    num_beams: int = opt(1, "beam search width (1: greedy)")
+    dtype: Dtype = opt("auto", "weights dtype")
+    output: str | None = opt(None, "write .jsonl or .csv here instead of printing path<TAB>caption")
+
+
+@dataclass
+class AskConfig:
+    """Visual question answering: one image, one question."""
+
+    image: str = opt("", "image file", positional=True)
+    question: str = opt("", "the question", positional=True)
+    run: str | None = opt(None, "run directory from `vlmtune train`")
+    model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
+    template: str = opt("Question: {question} Answer:", "prompt template; {question} is replaced")
+    max_new_tokens: int = opt(20, "longest answer in tokens")
+    num_beams: int = opt(1, "beam search width (1: greedy)")
+    dtype: Dtype = opt("auto", "weights dtype")
+
+
+@dataclass
+class MergeConfig:
+    """Merge a run's LoRA adapter into its base and save a full model that plain transformers loads."""
+
+    run: str = opt("", "run directory from `vlmtune train`", positional=True)
+    out: str = opt("", "directory for the merged model", positional=True)
+    dtype: Dtype = opt("auto", "dtype of the saved weights (auto: float32 on CPU, the base's on CUDA)")
+    overwrite: bool = opt(False, "replace an existing output directory")
+
+
+@dataclass
+class DemoConfig:
+    """The offline demo: fine-tune the tiny base on drawn football scenes, then compare captions."""
+
+    data: str = opt("data/football-synth", "where the drawn dataset is written (made if missing)")
+    output: str = opt("runs/demo", "run directory")
+    preset: str = opt("configs/tiny/demo.yaml", "training preset")
+
+
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def load_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
+    """Values from a YAML preset, checked against `cls`'s fields (an unknown key is an error, with the file)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"config file {path} is not valid YAML: {e}"]) from None
+    if not isinstance(values, dict):
+        raise ConfigError([f"config file {path} must hold a mapping of option: value"])
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(fields_of(cls)))
+    if unknown:
+        raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown])
+    return values
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Check everything that can be checked before loading any weights; raise one error listing every problem."""
+    p: list[str] = []
+    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "log_every"):
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        p.append(f"--max-steps must be at least 1 (got {cfg.max_steps})")
+    if cfg.lr <= 0:
+        p.append(f"--lr must be positive (got {cfg.lr})")
+    if not 0 <= cfg.lora_dropout < 1:
+        p.append(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if not 0 <= cfg.val_fraction < 1:
+        p.append(f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})")
+    if not 0 <= cfg.warmup_ratio < 1:
+        p.append(f"--warmup-ratio must be in [0, 1) (got {cfg.warmup_ratio})")
+    if cfg.val_split and cfg.val_fraction:
+        p.append("give --val-split or --val-fraction, not both")
+    for name, allowed in (("dtype", Dtype), ("quantize", Quantize)):
+        choices = allowed.__args__
+        if getattr(cfg, name) not in choices:
+            p.append(f"--{name} must be one of {', '.join(choices)} (got {getattr(cfg, name)!r})")
+    if cfg.quantize != "none":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.append(f"--quantize {cfg.quantize} needs a CUDA GPU (bitsandbytes); none is available here")
+        else:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                p.append(f"--quantize {cfg.quantize} needs bitsandbytes: pip install 'vlmtune[quant]'")
+    out = Path(cfg.output)
+    if (out / "adapter_config.json").exists() and not cfg.overwrite:
+        p.append(
+            f"{out} already holds a trained adapter; pass --overwrite to replace it or choose another --output"
+        )
+    parent = next((d for d in [out, *out.parents] if d.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        p.append(f"--output {out}: {parent} is not writable")
+    if p:
+        raise ConfigError(p)

@@ -1,0 +1,130 @@
+"""Captioning and question answering with a base model or a run directory: batched, left-padded generation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import AskConfig, CaptionConfig
+from .data import expand_images, open_image
+from .families import Family
+from .modeling import default_device, load_for_inference, pick_dtype
+
+
+@dataclass
+class Captioner:
+    """A loaded model ready to caption and answer. Build it with `from_run` or `from_model`."""
+
+    model: Any
+    processor: Any
+    family: Family
+    prompt: str = ""  # the prompt the run was trained with, so captions continue it the same way
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, run: str | None = None, model: str | None = None, dtype: str = "auto") -> Captioner:
+        device = default_device()
+        m, processor, family, info = load_for_inference(run, model, dtype, device)
+        return cls(
+            m, processor, family, info.get("config", {}).get("prompt", ""), pick_dtype(dtype, device), device
+        )
+
+    @classmethod
+    def from_run(cls, run: str, dtype: str = "auto") -> Captioner:
+        return cls.load(run=run, dtype=dtype)
+
+    @classmethod
+    def from_model(cls, model: str, dtype: str = "auto") -> Captioner:
+        return cls.load(model=model, dtype=dtype)
+
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        batch = self.family.encode(self.processor, images, prompts, None, max_length=512, padding_side="left")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        kwargs.setdefault("max_new_tokens", 40)
+        return self.family.generate(self.model, self.processor, batch, **kwargs)
+
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 40,
+        num_beams: int = 1,
+    ) -> list[str]:
+        prompt = self.prompt if prompt is None else prompt
+        out: list[str] = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            out += self.generate(
+                chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens, num_beams=num_beams
+            )
+        return out
+
+    def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
+        prompt = (
+            template.format(question=question.strip()) if template else self.family.format_question(question)
+        )
+        return self.generate([image], [prompt], **kwargs)[0]
+
+
+def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(paths), size):
+        yield paths[i : i + size]
+
+
+def caption(cfg: CaptionConfig) -> list[tuple[str, str]]:
+    """Caption every image in `cfg.images`; print `path<TAB>caption` or write JSONL/CSV to `cfg.output`."""
+    paths = expand_images(cfg.images)  # a missing file fails before the model loads
+    if cfg.output and Path(cfg.output).suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"--output {cfg.output}: use a .jsonl or .csv file name")
+    captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    prompt = cfg.prompt or None
+    results: list[tuple[str, str]] = []
+    for chunk in _batches(paths, cfg.batch_size):
+        images = [open_image(p) for p in chunk]
+        texts = captioner.caption(
+            images, prompt, batch_size=len(images), max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams
+        )
+        for p, t in zip(chunk, texts, strict=True):
+            results.append((str(p), t))
+            if not cfg.output:
+                print(f"{p}\t{t}", flush=True)
+    if cfg.output:
+        _write(Path(cfg.output), results)
+    return results
+
+
+def _write(path: Path, results: list[tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        if path.suffix == ".csv":
+            w = csv.writer(f)
+            w.writerow(["path", "caption"])
+            w.writerows(results)
+        else:
+            for p, t in results:
+                f.write(json.dumps({"path": p, "caption": t}) + "\n")
+    print(f"wrote {len(results)} captions to {path}")
+
+
+def ask(cfg: AskConfig) -> str:
+    """Answer `cfg.question` about `cfg.image`; prints and returns the answer."""
+    image = open_image(cfg.image)
+    if not cfg.question.strip():
+        raise ValueError("the question is empty")
+    captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    answer = captioner.ask(
+        image, cfg.question, cfg.template, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams
+    )
+    print(answer)
+    return answer

@@ -1,0 +1,159 @@
+"""Loading a base model (hub id, local directory or the shipped tiny base), adding LoRA, loading a run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import Family, family_for
+
+TINY = "tiny"
+TINY_PATH = Path(__file__).parent / "assets" / "tiny-blip2"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_model(name: str) -> str:
+    """'tiny' -> the packaged tiny base; an existing directory -> its absolute path; anything else is a hub id.
+
+    Absolute paths matter: they end up as the adapter's `base_model_name_or_path`, which plain peft follows.
+    """
+    if name == TINY:
+        return str(TINY_PATH)
+    if os.path.isdir(name):
+        return str(Path(name).resolve())
+    return name
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA where the card supports it, else fp16 on CUDA, fp32 on the CPU."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _unreachable(name: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load model {name!r}: it is not a local directory, and the Hugging Face Hub could not be reached "
+        f"or has no such repository ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
+        f"To use a local copy: on a machine with network run `hf download {name} --local-dir DIR`, copy DIR "
+        f"here and pass `--model DIR` (or set HF_HOME to a cache that holds it). `--model tiny` needs no download."
+    )
+
+
+def load_config(name: str) -> Any:
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(path):
+            raise ModelLoadError(
+                f"{path} is not a transformers model directory (no usable config.json): {e}"
+            ) from e
+        raise _unreachable(name, e) from e
+
+
+def load_processor(path: str) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path} holds no processor (tokenizer + image processor): {e}") from e
+        raise _unreachable(path, e) from e
+
+
+def load_base(
+    name: str, dtype: str = "auto", quantize: str = "none", device: torch.device | None = None
+) -> tuple[Any, Any, Family]:
+    """The base model (on `device`, in eval mode, every weight frozen), its processor and its family."""
+    from transformers import AutoModelForImageTextToText
+
+    device = device or default_device()
+    path = resolve_model(name)
+    config = load_config(name)
+    family = family_for(config)
+    torch_dtype = pick_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantize != "none":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantize == "8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise _unreachable(name, e) from e
+    if quantize == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, load_processor(path), family
+
+
+def add_lora(model: Any, family: Family, cfg: Any) -> Any:
+    """Wrap `model` with LoRA adapters where `family` (or --lora-targets) says; returns a peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_targets or family.lora_target_modules(),
+        modules_to_save=family.extra_trainable_modules(cfg.train_qformer, cfg.train_projection) or None,
+        bias="none",
+    )
+    # autocast_adapter_dtype (peft's default) keeps LoRA weights in fp32 over an fp16/bf16 base: fp32 master
+    # weights for the only parameters that train.
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_for_inference(
+    run: str | None, model: str | None, dtype: str = "auto", device: torch.device | None = None
+) -> tuple[Any, Any, Family, dict[str, Any]]:
+    """(model, processor, family, run config) from a run directory or a base model alone."""
+    from .rundir import read_run
+
+    if (run is None) == (model is None):
+        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL")
+    if model is not None:
+        base, processor, family = load_base(model, dtype, device=device)
+        return base, processor, family, {}
+    info = read_run(run)
+    base, _, family = load_base(info["base_model"], dtype, device=device)
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, run)
+    peft_model.eval()
+    # The run's processor is the one training used (it may differ from a later revision of the base's).
+    return peft_model, load_processor(str(Path(run).resolve())), family, info

@@ -1,0 +1,118 @@
+"""The run directory: the one thing every command after `train` consumes.
+
+    RUN_DIR/
+      adapter_config.json, adapter_model.safetensors   peft's save_pretrained (loads with plain peft)
+      processor_config.json, tokenizer*.json           the processor training used
+      vlmtune.yaml                                      resolved config, base model, family, versions
+      metrics.jsonl                                     one line per logged step / validation
+      samples.jsonl                                     captions generated during training
+      tensorboard/                                      the same numbers for TensorBoard
+
+The adapter sits at the top level, so the directory is also a plain peft adapter directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "vlmtune.yaml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "vlmtune": __version__,
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def write_run_config(run: Path, cfg: Any, base_model: str, family: str, device: str) -> None:
+    doc = {
+        "base_model": base_model,
+        "family": family,
+        "config": dataclasses.asdict(cfg),
+        "device": device,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_run(run: str | os.PathLike) -> dict[str, Any]:
+    """The run's recorded config; a clear error when `run` is not a finished run directory."""
+    path = Path(run)
+    if not path.is_dir():
+        raise RunDirError(f"run directory {path} does not exist")
+    missing = [f for f in (CONFIG_FILE, "adapter_config.json") if not (path / f).exists()]
+    if missing:
+        raise RunDirError(
+            f"{path} is not a finished vlmtune run directory (missing {', '.join(missing)}); "
+            "point --run at the --output of a completed `vlmtune train`"
+        )
+    return yaml.safe_load((path / CONFIG_FILE).read_text())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_atomically(run: Path, write: Any) -> None:
+    """Call `write(tmp_dir)`, then move each file it wrote into `run`.
+
+    Files land by `os.replace`, so a crash mid-save leaves every file either the old or the new version, never
+    half-written; the adapter config goes last, so a run only looks finished once its weights are in place.
+    """
+    tmp = Path(tempfile.mkdtemp(dir=run, prefix=".saving-"))
+    try:
+        write(tmp)
+        files = sorted(tmp.rglob("*"), key=lambda p: p.name == "adapter_config.json")
+        for f in files:
+            if f.is_file():
+                dest = run / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class JsonlLog:
+    """Append-only JSON lines, flushed per line so a crash keeps everything logged so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
