@@ -1,0 +1,105 @@
+"""The dataset layouts `--data` reads give the same records; images arrive as RGB."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+from PIL import Image
+
+from vlmtune.data import CaptionExamples, DataError, load_splits, to_rgb
+from vlmtune.synthetic import examples
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return list(examples("football", 6, seed=7))
+
+
+def records(ds, text_column="text"):
+    items = CaptionExamples(ds, "image", text_column)
+    return [(np.asarray(items[i]["image"]).tobytes(), items[i]["target"]) for i in range(len(items))]
+
+
+def expected(rows):
+    return [(np.asarray(r.image).tobytes(), r.text) for r in rows]
+
+
+def test_save_to_disk(rows, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(
+        {"train": Dataset.from_dict({"image": [r.image for r in rows], "text": [r.text for r in rows]})}
+    ).save_to_disk(str(tmp_path / "d"))
+    train, val = load_splits(str(tmp_path / "d"))
+    assert val is None and records(train) == expected(rows)
+
+
+def test_parquet_hub_layout(rows, tmp_path):
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(), "text": Value("string")})
+    (tmp_path / "data").mkdir()
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        Dataset.from_dict(
+            {"image": [r.image for r in part], "text": [r.text for r in part]}, features=features
+        ).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    train, test = load_splits(str(tmp_path), val_split="test")
+    assert records(train) == expected(rows[:4]) and records(test) == expected(rows[4:])
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv"])
+def test_imagefolder(rows, tmp_path, metadata):
+    for i, r in enumerate(rows):
+        r.image.save(tmp_path / f"{i}.png")
+    if metadata == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": f"{i}.png", "text": r.text}) + "\n" for i, r in enumerate(rows))
+        )
+    else:
+        (tmp_path / "metadata.csv").write_text(
+            "file_name,text\n" + "".join(f'{i}.png,"{r.text}"\n' for i, r in enumerate(rows))
+        )
+    train, _ = load_splits(str(tmp_path))
+    assert sorted(records(train), key=lambda x: x[1]) == sorted(expected(rows), key=lambda x: x[1])
+
+
+def test_val_fraction_is_deterministic(football):
+    a_train, a_val = load_splits(football, val_fraction=0.25, seed=3)
+    b_train, b_val = load_splits(football, val_fraction=0.25, seed=3)
+    assert a_val["text"] == b_val["text"] and len(a_val) == 60 and len(a_train) == 180
+    assert load_splits(football, val_fraction=0.25, seed=4)[1]["text"] != a_val["text"]
+
+
+def test_not_a_dataset(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="not a dataset vlmtune can read"):
+        load_splits(str(tmp_path))
+
+
+def test_empty_caption_is_named(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "text": ["  "]})
+    with pytest.raises(DataError, match="row 0, column 'text'"):
+        CaptionExamples(ds)[0]
+
+
+def test_to_rgb():
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # composited on white, not black
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([10, 20, 30] + [0] * 765)
+    assert to_rgb(pal).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_demo_dataset_is_deterministic(football, tmp_path):
+    from vlmtune.synthetic import write_football_dataset
+
+    again = load_from_disk(str(write_football_dataset(tmp_path / "again")))
+    first = load_from_disk(football)
+    assert {k: len(v) for k, v in first.items()} == {"train": 240, "validation": 24, "test": 24}
+    assert again["test"]["text"] == first["test"]["text"]
+    assert np.array_equal(np.asarray(again["test"][0]["image"]), np.asarray(first["test"][0]["image"]))
