@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On these machines `torch==2.13.0` is a CPU build on local disk; elsewhere pip fetches it from PyPI.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-fast lint format tiny-base clean
+
+$(BIN)/vlmtune: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/vlmtune
+
+demo: $(BIN)/vlmtune
+	$(BIN)/vlmtune demo
+
+test: $(BIN)/vlmtune
+	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/vlmtune
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(BIN)/vlmtune
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: $(BIN)/vlmtune
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+# Rebuild the committed tiny base (about 15 minutes on 2 CPU cores).
+tiny-base: $(BIN)/vlmtune
+	$(BIN)/python scripts/make_tiny_base.py --minutes 14 --images 20000
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,178 @@
+"""One prepared check of the CUDA paths at BLIP-2 OPT-2.7B's real size, for a machine with a GPU.
+
+    python scripts/gpu_check.py --out results.json
+
+Hub weights cannot be downloaded in this project's machines, so the model is Salesforce/blip2-opt-2.7b's
+architecture with random weights (ViT-g 39 layers, Q-Former, OPT-2.7B 32 layers; 3.74B parameters), saved to
+disk and loaded back through `vlmtune train --model DIR`, paired with the tiny base's tokenizer and a 224-pixel
+image processor. Random weights say nothing about caption quality; they do exercise every CUDA path at full
+size: bf16 loading, autocast, fp32 LoRA weights, QLoRA (4-bit NF4 via bitsandbytes), peak memory, throughput,
+batched generation, and loading the run back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_random_blip2(path: Path) -> None:
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Blip2Config,
+        Blip2Processor,
+        BlipImageProcessorPil,
+    )
+
+    from vlmtune.modeling import TINY_PATH
+
+    tiny = AutoProcessor.from_pretrained(TINY_PATH)
+    tok = tiny.tokenizer
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_hidden_layers=39,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            qkv_bias=True,
+        ),
+        qformer_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            cross_attention_frequency=2,
+            encoder_hidden_size=1408,
+            vocab_size=30522,
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=2560,
+            ffn_dim=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50304,
+            word_embed_proj_dim=2560,
+            bos_token_id=2,
+            pad_token_id=1,
+            eos_token_id=tok.convert_tokens_to_ids("Ċ"),
+        ),
+        num_query_tokens=32,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    processor = Blip2Processor(
+        BlipImageProcessorPil(size={"height": 224, "width": 224}), tok, num_query_tokens=32
+    )
+    processor.save_pretrained(path)
+
+
+def in_memory_splits(n_train: int = 64, n_val: int = 16):
+    """The drawn football scenes as lists of rows (this machine may lack `datasets`; the loop needs only rows)."""
+    from vlmtune.synthetic import examples
+
+    rows = lambda n, seed: [{"image": e.image, "text": e.text} for e in examples("football", n, seed)]  # noqa: E731
+    return rows(n_train, 0), rows(n_val, 1)
+
+
+def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size: int) -> dict:
+    import vlmtune.finetune as finetune
+    from vlmtune.config import TrainConfig
+    from vlmtune.rundir import read_jsonl
+
+    train_rows, val_rows = in_memory_splits()
+    finetune.load_splits = lambda *a, **k: (train_rows, val_rows)
+    cfg = TrainConfig(
+        model=str(model_dir),
+        data="(in memory)",
+        output=str(out),
+        quantize=quantize,
+        gradient_checkpointing=quantize != "none",
+        max_steps=steps,
+        batch_size=batch_size,
+        lr=1e-4,
+        log_every=5,
+        sample_every=0,
+        num_samples=2,
+        overwrite=True,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    finetune.train(cfg)
+    wall = time.perf_counter() - start
+    log = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    return {
+        "quantize": quantize,
+        "steps": steps,
+        "batch_size": batch_size,
+        "samples_per_s_in_loop": round(log[-1]["samples_per_s"], 1),
+        "first_loss": round(log[0]["loss"], 3),
+        "last_loss": round(log[-1]["loss"], 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "wall_s_including_load": round(wall, 1),
+        "adapter_mib": round((out / "adapter_model.safetensors").stat().st_size / 2**20, 1),
+    }
+
+
+def caption_speed(run: Path, n: int = 64, batch_size: int = 16) -> dict:
+    from vlmtune.infer import Captioner
+    from vlmtune.synthetic import examples
+
+    captioner = Captioner.from_run(str(run))
+    images = [e.image for e in examples("football", n, 5)]
+    captioner.caption(images[:batch_size], batch_size=batch_size, max_new_tokens=20)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = captioner.caption(images, batch_size=batch_size, max_new_tokens=20)
+    torch.cuda.synchronize()
+    return {
+        "images": n,
+        "batch_size": batch_size,
+        "images_per_s": round(n / (time.perf_counter() - start), 1),
+        "captions_nonempty": sum(bool(c) for c in out),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vlmtune-gpu"))
+    args = ap.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save():
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2), flush=True)
+
+    model_dir = args.work / "blip2-opt-2.7b-random"
+    t = time.perf_counter()
+    build_random_blip2(model_dir)
+    result["build_and_save_s"] = round(time.perf_counter() - t, 1)
+    result["bf16_lora"] = train_once(model_dir, args.work / "run-bf16", "none", steps=30, batch_size=8)
+    save()
+    result["caption_bf16"] = caption_speed(args.work / "run-bf16")
+    save()
+    try:
+        import bitsandbytes  # noqa: F401
+
+        result["qlora_4bit"] = train_once(model_dir, args.work / "run-4bit", "4bit", steps=20, batch_size=8)
+    except ImportError as e:
+        result["qlora_4bit"] = f"skipped: {e}"
+    save()
+
+
+if __name__ == "__main__":
+    main()
