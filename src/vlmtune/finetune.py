@@ -167,10 +167,18 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()  # frozen embeddings: make checkpointed segments see a grad input
+        # Non-reentrant checkpointing passes gradients to LoRA weights even though every input is frozen.
+        lm, kwargs = model.language_model, {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.24
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model = add_lora(model, family, cfg)
     trainable, total = trainable_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -230,7 +238,9 @@ class _Session:
         )
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        got = self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)
+        # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
+        with self.accelerator.autocast():
+            got = self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)
         for x, g in zip(s, got, strict=True):
             bar.write(f"step {step} sample: {g!r}  (reference: {x['target']!r})")
             self.sample_log.write(step=step, caption=g, reference=x["target"])

@@ -103,12 +103,13 @@ def load_base(
                 bnb_4bit_compute_dtype=compute,
             )
         )
-        kwargs["device_map"] = {"": device}
+    if device.type == "cuda":  # straight onto the GPU, without a full copy in host memory first
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as e:
         raise _unreachable(name, e) from e
-    if quantize == "none":
+    if "device_map" not in kwargs:
         model.to(device)
     model.requires_grad_(False)
     model.eval()
