@@ -103,3 +103,9 @@ def test_demo_dataset_is_deterministic(football, tmp_path):
     assert {k: len(v) for k, v in first.items()} == {"train": 240, "validation": 24, "test": 24}
     assert again["test"]["text"] == first["test"]["text"]
     assert np.array_equal(np.asarray(again["test"][0]["image"]), np.asarray(first["test"][0]["image"]))
+
+
+def test_broken_local_dataset_is_not_called_unreachable(tmp_path):
+    (tmp_path / "dataset_dict.json").write_text("{not json")
+    with pytest.raises(DataError, match=f"cannot read dataset {tmp_path}"):
+        load_splits(str(tmp_path))

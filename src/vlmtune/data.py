@@ -59,39 +59,34 @@ def expand_images(paths: list[str]) -> list[Path]:
 
 
 def _load(source: str) -> Any:
-    """A DatasetDict or Dataset from whatever `source` names."""
+    """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id."""
     import datasets
 
     path = Path(source)
+    if not path.exists():
+        try:
+            return datasets.load_dataset(source)
+        except (ConnectionError, OSError) as e:  # offline, or no such repository
+            raise _unreachable(source, e) from e
+    if path.is_file() and path.suffix not in (".parquet", ".arrow"):
+        raise DataError(f"{path} is a file vlmtune cannot read as a dataset (expected .parquet or .arrow)")
     try:
-        if path.is_dir():
-            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                return datasets.load_from_disk(str(path))
-            if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
-                return datasets.load_dataset("imagefolder", data_dir=str(path))
-            for kind in ("parquet", "arrow"):
-                files = sorted(str(f) for f in path.rglob(f"*.{kind}"))
-                if files:
-                    return datasets.load_dataset(kind, data_files=_files_by_split(files))
-            raise DataError(
-                f"{path} is not a dataset vlmtune can read: expected a `datasets` save_to_disk directory, "
-                "parquet or arrow files, or images with metadata.jsonl / metadata.csv (file_name + caption)"
-            )
-        if path.is_file() and path.suffix in (".parquet", ".arrow"):
+        if path.is_file():
             return datasets.load_dataset(path.suffix[1:], data_files={"train": str(path)})
-        if path.exists():
-            raise DataError(
-                f"{path} is a file vlmtune cannot read as a dataset (expected .parquet or .arrow)"
-            )
-        return datasets.load_dataset(source)
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        if path.exists():
-            raise DataError(f"cannot read dataset {source}: {e}") from e
-        raise _unreachable(source, e) from e
-    except (ConnectionError, OSError) as e:
-        raise _unreachable(source, e) from e
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
+            return datasets.load_dataset("imagefolder", data_dir=str(path))
+        for kind in ("parquet", "arrow"):
+            files = sorted(str(f) for f in path.rglob(f"*.{kind}"))
+            if files:
+                return datasets.load_dataset(kind, data_files=_files_by_split(files))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read dataset {path}: {e}") from e
+    raise DataError(
+        f"{path} is not a dataset vlmtune can read: expected a `datasets` save_to_disk directory, "
+        "parquet or arrow files, or images with metadata.jsonl / metadata.csv (file_name + caption)"
+    )
 
 
 def _unreachable(source: str, err: Exception) -> DataError:
