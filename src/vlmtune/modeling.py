@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +133,18 @@ def add_lora(model: Any, family: Family, cfg: Any) -> Any:
     )
     # autocast_adapter_dtype (peft's default) keeps LoRA weights in fp32 over an fp16/bf16 base: fp32 master
     # weights for the only parameters that train.
-    return get_peft_model(model, config)
+    with _peft_quietly():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    # peft 0.21 reads a property transformers 5.24 deprecated; the user can do nothing about it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
@@ -154,7 +168,8 @@ def load_for_inference(
     base, _, family = load_base(info["base_model"], dtype, device=device)
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(base, run)
+    with _peft_quietly():
+        peft_model = PeftModel.from_pretrained(base, run)
     peft_model.eval()
     # The run's processor is the one training used (it may differ from a later revision of the base's).
     return peft_model, load_processor(str(Path(run).resolve())), family, info
