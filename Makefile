@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On these machines `torch==2.13.0` is a CPU build on local disk; elsewhere pip fetches it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint format tiny-base clean
+.PHONY: demo test test-fast lint format tiny-base bench clean
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,7 @@ tiny-base: $(BIN)/vlmtune
 
 clean:
 	rm -rf runs data .pytest_cache
+
+# vlmtune against the seed recipe on a CPU proxy of BLIP-2 (a minute or two on 2 cores); bench/gpu.sh on a GPU.
+bench: $(BIN)/vlmtune
+	$(BIN)/python bench/bench.py

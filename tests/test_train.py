@@ -35,7 +35,7 @@ def test_lora_b_moves_from_zero(football, tmp_path, options):
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert len(lora_b) == 3 * 6  # 3 OPT layers x (q, k, v, out, fc1, fc2)
     assert all(v.abs().sum() > 0 for v in lora_b)  # peft starts B at zero; gradients reached every one
-    assert len(read_jsonl(run / "metrics.jsonl")) == 3
+    assert len([r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]) == 3
 
 
 def test_train_qformer_saves_it_with_the_adapter(football, tmp_path):

@@ -77,6 +77,10 @@ class TrainConfig:
     warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up linearly")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the language model")
+    vision_cache: Literal["auto", "off"] = opt(
+        "auto",
+        "compute the frozen ViT + Q-Former output once per image and reuse it every epoch (auto: when frozen)",
+    )
     seed: int = opt(42, "seed for weights init, data order and dropout")
     num_workers: int = opt(0, "DataLoader worker processes decoding images")
     # output

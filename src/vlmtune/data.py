@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -143,6 +144,13 @@ def load_splits(
     return train, None
 
 
+def column_values(dataset: Any, column: str) -> list[Any]:
+    """One column as a list, without decoding the others (a `datasets.Dataset` or a list of dicts)."""
+    if hasattr(dataset, "column_names"):
+        return list(dataset.select_columns([column])[column])
+    return [row[column] for row in dataset]
+
+
 @dataclass
 class CaptionExamples:
     """A torch-style dataset of (image, prompt, target) from a `datasets.Dataset`; images decoded lazily."""
@@ -171,7 +179,24 @@ class CaptionExamples:
             raise DataError(
                 f"row {i}, column {self.text_column!r}: expected a non-empty caption, got {text!r}"
             )
-        return {"image": image, "prompt": self.prompt, "target": text}
+        return {"image": image, "prompt": self.prompt, "target": text, "index": i}
+
+
+@dataclass
+class TextOnlyExamples:
+    """(index, prompt, target) without decoding any image: for training on cached image features."""
+
+    texts: list[str]
+    prompt: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        text = self.texts[i]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"row {i}: expected a non-empty caption, got {text!r}")
+        return {"prompt": self.prompt, "target": text, "index": i}
 
 
 @dataclass
@@ -181,13 +206,17 @@ class Collator:
     family: Any
     processor: Any
     max_length: int
+    cached: bool = False  # images come from a feature cache: send their indices, not pixels
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts, targets = [e["prompt"] for e in examples], [e["target"] for e in examples]
+        if self.cached:
+            batch = self.family.encode_text(
+                self.processor, prompts, targets, max_length=self.max_length, padding_side="right"
+            )
+            batch["image_index"] = torch.tensor([e["index"] for e in examples])
+            return batch
+        images = [e["image"] for e in examples]
         return self.family.encode(
-            self.processor,
-            [e["image"] for e in examples],
-            [e["prompt"] for e in examples],
-            [e["target"] for e in examples],
-            max_length=self.max_length,
-            padding_side="right",
+            self.processor, images, prompts, targets, max_length=self.max_length, padding_side="right"
         )

@@ -60,13 +60,19 @@ class Captioner:
         batch_size: int = 8,
         max_new_tokens: int = 40,
         num_beams: int = 1,
+        **generate_kwargs: Any,
     ) -> list[str]:
+        """Captions for `images`, `batch_size` at a time; extra keyword arguments go to `generate`."""
         prompt = self.prompt if prompt is None else prompt
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             out += self.generate(
-                chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens, num_beams=num_beams
+                chunk,
+                [prompt] * len(chunk),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                **generate_kwargs,
             )
         return out
 

@@ -55,6 +55,30 @@ class Family(ABC):
     ) -> dict[str, torch.Tensor]:
         """Model inputs for a batch; with `targets`, also `labels` masked to the target tokens alone."""
 
+    def encode_text(
+        self,
+        processor: Any,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        *,
+        max_length: int,
+        padding_side: str,
+    ) -> dict[str, torch.Tensor]:
+        """`encode` without the images (the same ids and labels), for training on cached image features."""
+        raise NotImplementedError(f"{self.name} has no image-feature cache")
+
+    def supports_feature_cache(self, model: Any) -> bool:
+        """Whether `model` can take precomputed image features (see `image_features`, `cached_inputs`)."""
+        return False
+
+    def image_features(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the frozen vision side hands the language model for each image."""
+        raise NotImplementedError(f"{self.name} has no image-feature cache")
+
+    def cached_inputs(self, features: torch.Tensor) -> dict[str, Any]:
+        """Extra forward() arguments that make the model use `features` instead of computing them."""
+        raise NotImplementedError(f"{self.name} has no image-feature cache")
+
     @abstractmethod
     def generate(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any

@@ -13,6 +13,7 @@ model that never sees the image). BLIP-2 OPT ends a caption with "\\n" (id 50118
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,7 +90,30 @@ class Blip2(Family):
         """
         # The processor is called with images and text together: that is what inserts the placeholders.
         enc = processor(images=list(images), text=list(prompts), padding=False)
-        tokenizer = processor.tokenizer
+        batch = self._assemble(
+            processor.tokenizer, enc["input_ids"], prompts, targets, max_length, padding_side
+        )
+        batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
+        return batch
+
+    def encode_text(
+        self,
+        processor: Any,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        *,
+        max_length: int,
+        padding_side: str,
+    ) -> dict[str, torch.Tensor]:
+        # The processor's layout, rebuilt without decoding an image: placeholders, then the tokenised prompt
+        # (BOS first). A test checks it against `encode` token for token.
+        placeholders = [self.image_token_id] * self.num_query_tokens
+        ids = [placeholders + p for p in processor.tokenizer(list(prompts))["input_ids"]]
+        return self._assemble(processor.tokenizer, ids, prompts, targets, max_length, padding_side)
+
+    def _assemble(
+        self, tokenizer, prompt_ids, prompts, targets, max_length, padding_side
+    ) -> dict[str, torch.Tensor]:
         target_ids = (
             tokenizer(
                 [_target_text(p, t) for p, t in zip(prompts, targets, strict=True)], add_special_tokens=False
@@ -98,7 +122,7 @@ class Blip2(Family):
             else [[] for _ in prompts]
         )
         rows, labels = [], []
-        for ids, tgt in zip(enc["input_ids"], target_ids, strict=True):
+        for ids, tgt in zip(prompt_ids, target_ids, strict=True):
             n_image = sum(1 for i in ids if i == self.image_token_id)
             if n_image != self.num_query_tokens:
                 raise ValueError(
@@ -115,8 +139,25 @@ class Blip2(Family):
         batch = _pad(rows, labels, tokenizer.pad_token_id, padding_side)
         if targets is None:
             del batch["labels"]
-        batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
         return batch
+
+    def supports_feature_cache(self, model: Any) -> bool:
+        # transformers >= 5.24's forward takes precomputed encoder outputs (`mm_encoder_outputs`).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return "mm_encoder_outputs" in inspect.signature(type(base).forward).parameters
+
+    def image_features(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT -> Q-Former -> language projection: (B, 3, H, W) -> (B, num_query_tokens, d_lm)."""
+        out = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def cached_inputs(self, features: torch.Tensor) -> dict[str, Any]:
+        from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+        return {
+            "pixel_values": None,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithVisionQformerOutputs(pooler_output=features)},
+        }
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,83 @@
+"""The image-feature cache changes where the features come from, not what the model learns."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune.config import TrainConfig
+from vlmtune.families import family_for
+from vlmtune.finetune import train
+from vlmtune.synthetic import examples
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
+    return model, AutoProcessor.from_pretrained(tiny_path), family_for(model.config)
+
+
+def test_text_only_encoding_matches_the_processor(tiny):
+    _, processor, family = tiny
+    prompts = ["", family.format_question("what colour is the ball?"), "a photo of"]
+    targets = ["a red ball", "white", "two players near the goal"]
+    images = [Image.new("RGB", (30, 40))] * 3
+    for side in ("right", "left"):
+        full = family.encode(processor, images, prompts, targets, max_length=40, padding_side=side)
+        text = family.encode_text(processor, prompts, targets, max_length=40, padding_side=side)
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(full[key], text[key]), key
+
+
+def test_loss_with_cached_features_equals_loss_without(tiny):
+    model, processor, family = tiny
+    rows = list(examples("football", 4, seed=3))
+    images, texts = [r.image for r in rows], [r.text for r in rows]
+    full = family.encode(processor, images, [""] * 4, texts, max_length=48, padding_side="right")
+    with torch.no_grad():
+        fresh = model(**full).loss
+        features = family.image_features(model, full["pixel_values"])
+        assert features.shape == (4, model.config.num_query_tokens, model.config.text_config.hidden_size)
+        text = family.encode_text(processor, [""] * 4, texts, max_length=48, padding_side="right")
+        cached = model(**text, **family.cached_inputs(features)).loss
+    torch.testing.assert_close(cached, fresh)
+
+
+def test_training_with_and_without_cache_gives_the_same_adapter(football, tmp_path, capsys):
+    def run(mode):
+        cfg = TrainConfig(
+            model="tiny",
+            data=football,
+            output=str(tmp_path / mode),
+            vision_cache=mode,
+            max_steps=4,
+            batch_size=4,
+            lr=1e-2,
+            lora_dropout=0.0,
+            sample_every=0,
+            num_samples=1,
+        )
+        return load_file(str(train(cfg) / "adapter_model.safetensors"))
+
+    cached, plain = run("auto"), run("off")
+    out = capsys.readouterr().out
+    assert "image feature cache: on" in out and "image feature cache: off (--vision-cache off)" in out
+    assert cached.keys() == plain.keys()
+    for k in cached:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-5)
+
+
+def test_no_cache_when_the_qformer_trains(football, tmp_path, capsys):
+    cfg = TrainConfig(
+        model="tiny",
+        data=football,
+        output=str(tmp_path / "r"),
+        train_qformer=True,
+        max_steps=1,
+        batch_size=2,
+        sample_every=0,
+        num_samples=0,
+    )
+    train(cfg)
+    assert "image feature cache: off (the Q-Former or projection trains" in capsys.readouterr().out
