@@ -161,7 +161,7 @@ def test_run_directory_is_not_overwritten(tmp_path, capsys):
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
     assert main(["train", "--model", "tiny", "--output", str(run)]) == 2
-    assert "already holds a trained adapter; pass --overwrite" in capsys.readouterr().err
+    assert "already holds a trained adapter or checkpoints; pass --resume auto" in capsys.readouterr().err
     assert (run / "adapter_config.json").read_text() == "{}"
 
 

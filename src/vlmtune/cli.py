@@ -92,11 +92,15 @@ def run(name: str, cfg: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     name, cfg = parse(argv)
     from .data import DataError
+    from .finetune import TrainingStopped
     from .modeling import ModelLoadError
     from .rundir import RunDirError
 
     try:
         run(name, cfg)
+    except TrainingStopped as e:
+        print(f"vlmtune {name}: {e}", file=sys.stderr)
+        return e.exit_code
     except (*USAGE_ERRORS, DataError, ModelLoadError, RunDirError) as e:
         print(f"vlmtune {name}: error: {e}", file=sys.stderr)
         return 2

@@ -83,9 +83,15 @@ class TrainConfig:
     )
     seed: int = opt(42, "seed for weights init, data order and dropout")
     num_workers: int = opt(0, "DataLoader worker processes decoding images")
-    # output
+    # output, checkpoints, resuming
     output: str = opt("runs/blip2-lora", "run directory to write")
-    overwrite: bool = opt(False, "replace an existing run directory's adapter")
+    overwrite: bool = opt(False, "replace an existing run directory's adapter and checkpoints")
+    save_every: int = opt(0, "optimizer steps between checkpoints (0: at each epoch end only)")
+    keep: int = opt(2, "checkpoints kept (the newest)")
+    resume: str | None = opt(None, "'auto' (newest checkpoint in --output) or a checkpoint directory")
+    max_bad_steps: int = opt(
+        5, "stop after this many optimizer steps in a row with a non-finite loss or gradient"
+    )
     log_every: int = opt(10, "optimizer steps between loss log lines")
     sample_every: int = opt(100, "optimizer steps between sample captions (0: only at the end)")
     num_samples: int = opt(2, "images captioned at each sample point")
@@ -192,13 +198,70 @@ def validate_train(cfg: TrainConfig) -> None:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 p.append(f"--quantize {cfg.quantize} needs bitsandbytes: pip install 'vlmtune[quant]'")
+    import torch
+
+    if cfg.dtype == "float16" and not torch.cuda.is_available():
+        p.append("--dtype float16 needs a CUDA GPU; on the CPU use float32 (or bfloat16)")
+    if cfg.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        p.append("--dtype bfloat16 is not supported by this GPU; use float16 (or auto)")
+    for name in ("keep", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.save_every < 0:
+        p.append(f"--save-every must be 0 or more (got {cfg.save_every})")
     out = Path(cfg.output)
-    if (out / "adapter_config.json").exists() and not cfg.overwrite:
+    if cfg.resume and cfg.overwrite:
+        p.append("give --resume or --overwrite, not both")
+    elif cfg.resume:
+        from .checkpoint import resolve_resume
+
+        try:
+            resolve_resume(out, cfg.resume)
+        except FileNotFoundError as e:
+            p.append(str(e))
+    elif not cfg.overwrite and ((out / "adapter_config.json").exists() or (out / "checkpoints").exists()):
         p.append(
-            f"{out} already holds a trained adapter; pass --overwrite to replace it or choose another --output"
+            f"{out} already holds a trained adapter or checkpoints; pass --resume auto to continue it, "
+            "--overwrite to replace it, or choose another --output"
         )
     parent = next((d for d in [out, *out.parents] if d.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         p.append(f"--output {out}: {parent} is not writable")
+    if p:
+        raise ConfigError(p)
+
+
+def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None:
+    """The checks that need the loaded model: LoRA targets that exist, disk for the checkpoints planned."""
+    import difflib
+    import re
+    import shutil
+
+    p: list[str] = []
+    if cfg.lora_targets:
+        names = [n for n, _ in model.named_modules()]
+        if not any(re.fullmatch(cfg.lora_targets, n) for n in names):
+            leaves = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
+            )
+            words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", cfg.lora_targets)
+            close = sorted(
+                {c for w in words if w not in leaves for c in difflib.get_close_matches(w, leaves, n=2)}
+            )
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            p.append(
+                f"--lora-targets {cfg.lora_targets!r} matches no module of this model (a regex over full module "
+                f"names, e.g. 'language_model.model.decoder.layers.0.self_attn.q_proj').{hint} "
+                f"Its linear layers: {', '.join(leaves)}"
+            )
+    # Each checkpoint holds the trainable weights and AdamW's two moments, fp32: 12 bytes per parameter.
+    need = 12 * trainable * (cfg.keep + 1) + 4 * trainable
+    out = Path(cfg.output)
+    free = shutil.disk_usage(out if out.exists() else out.parent).free
+    if free < need:
+        p.append(
+            f"--output {out}: {free / 2**30:.2f} GiB free, but {cfg.keep} checkpoints and the adapter need about "
+            f"{need / 2**30:.2f} GiB; free some space, lower --keep, or write elsewhere"
+        )
     if p:
         raise ConfigError(p)

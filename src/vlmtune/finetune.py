@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,31 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .cache import build_feature_cache, wants_cache
-from .config import TrainConfig, validate_train
+from .checkpoint import (
+    CHECKPOINTS,
+    LoopState,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    truncate_logs,
+)
+from .config import TrainConfig, validate_against_model, validate_train
 from .data import CaptionExamples, Collator, TextOnlyExamples, column_values, load_splits
 from .families import IGNORE_INDEX, Family
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
 from .rundir import METRICS_FILE, SAMPLES_FILE, JsonlLog, save_atomically, write_run_config
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step, on purpose: a signal, or too many non-finite steps in a row.
+
+    The message says where it stopped and how to go on; `exit_code` is what the CLI exits with.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -28,7 +51,9 @@ def train(cfg: TrainConfig) -> Path:
     from transformers import get_scheduler
 
     validate_train(cfg)  # every config problem at once, before any weights are loaded
-    run = _prepare_run_dir(Path(cfg.output))
+    run = Path(cfg.output)
+    resume_from = resolve_resume(run, cfg.resume) if cfg.resume else None
+    _prepare_run_dir(run, resumed=resume_from is not None)
     set_seed(cfg.seed)
     # Data first: a wrong path or column fails in seconds, not after minutes of loading weights.
     columns = (cfg.image_column, cfg.text_column)
@@ -67,14 +92,15 @@ def train(cfg: TrainConfig) -> Path:
         cache_s = time.perf_counter() - clock
         train_items = TextOnlyExamples(column_values(train_set, cfg.text_column), cfg.prompt)
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
+    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+    sampler = EpochSampler(len(train_items), cfg.seed)
     loader = DataLoader(
         train_items,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        sampler=sampler,
         collate_fn=train_collate,
         num_workers=cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
     )
     val_examples, val_loader = None, None
     if val_set is not None:
@@ -85,7 +111,8 @@ def train(cfg: TrainConfig) -> Path:
     shown = val_examples if val_examples is not None else examples  # fixed images captioned as training goes
     samples = [shown[i] for i in range(min(cfg.num_samples, len(shown)))]
 
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -99,6 +126,13 @@ def train(cfg: TrainConfig) -> Path:
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
+    state = LoopState()
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+        )
+        truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
+        accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
     write_run_config(run, cfg, resolve_model(cfg.model), family.name, str(accelerator.device))
     accelerator.init_trackers("tensorboard")
     session = _Session(
@@ -114,55 +148,76 @@ def train(cfg: TrainConfig) -> Path:
         JsonlLog(run / SAMPLES_FILE),
     )
 
-    step, seen, window = 0, 0, []
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    started, seen_before = time.perf_counter(), state.samples
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
     session.train_mode()
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        for batch in loader:
-            if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
-                index = batch.pop("image_index").to(features.device)
-                batch.update(family.cached_inputs(features[index].to(accelerator.device, non_blocking=True)))
-            else:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch["input_ids"].shape[0] * accelerator.num_processes
-            window.append(loss.detach().float().item())
-            if not accelerator.sync_gradients:  # mid-accumulation: not an optimizer step yet
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                rate = seen / (time.perf_counter() - started)
-                session.log(
-                    bar,
-                    step=step,
-                    epoch=epoch,
-                    loss=sum(window) / len(window),
-                    lr=scheduler.get_last_lr()[0],
-                    samples_per_s=rate,
-                )
-                window = []
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
-                session.show_samples(step, bar)
-            if step >= total_steps:
-                break
-        if val_loader is not None:
-            session.validate(val_loader, step, epoch, bar)
-        if step >= total_steps:
-            break
+    with _StopOnSignal() as stop:
+        while state.step < total_steps:
+            sampler.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
+            for batch in loader:
+                state.batches_in_epoch += 1
+                if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
+                    index = batch.pop("image_index").to(features.device)
+                    batch.update(
+                        family.cached_inputs(features[index].to(accelerator.device, non_blocking=True))
+                    )
+                else:
+                    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    finite = True
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+                    if (
+                        finite or accelerator.scaler is not None
+                    ):  # fp16's scaler skips non-finite steps itself
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                if torch.isfinite(loss):
+                    state.window.append(loss.detach().float().item())
+                if not accelerator.sync_gradients:  # mid-accumulation: not an optimizer step yet
+                    continue
+                state.step += 1
+                bar.update(1)
+                session.after_step(state, finite, bar, scheduler, total_steps, started, seen_before)
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    session.save(run, optimizer, scheduler, state)
+                if stop.requested:
+                    path = session.save(run, optimizer, scheduler, state)
+                    raise TrainingStopped(
+                        f"stopped by {stop.requested} at step {state.step}; checkpoint {path}.\n"
+                        f"Resume with the same command plus --resume auto.",
+                        130,
+                    )
+                if state.step >= total_steps:
+                    break
+            if state.batches_in_epoch == batches_per_epoch:  # the epoch ran to its end
+                if val_loader is not None:
+                    session.validate(val_loader, state.step, state.epoch, bar)
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                session.save(run, optimizer, scheduler, state)
     bar.close()
     loop_s = time.perf_counter() - started
-    session.show_samples(step, bar)
+    session.show_samples(state.step, bar)
     # Where the time went, for benchmarks and for the user: load, one-off feature cache, the loop itself.
-    session.metrics.write(step=step, train_samples=seen, load_s=load_s, cache_s=cache_s, loop_s=loop_s)
+    session.metrics.write(
+        step=state.step,
+        train_samples=state.samples - seen_before,
+        load_s=load_s,
+        cache_s=cache_s,
+        loop_s=loop_s,
+        skipped_steps=state.bad_steps_total,
+    )
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -178,14 +233,60 @@ def train(cfg: TrainConfig) -> Path:
     return run
 
 
-def _prepare_run_dir(run: Path) -> Path:
+def _prepare_run_dir(run: Path, resumed: bool) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    # Logs of an earlier run (reachable only with --overwrite) would mix with this one's. Its adapter stays
-    # until this run saves a new one.
-    for stale in (METRICS_FILE, SAMPLES_FILE, "tensorboard"):
+    if resumed:
+        return
+    # An earlier run's logs and checkpoints (reachable only with --overwrite) would mix with this one's. Its
+    # adapter stays until this run saves a new one.
+    for stale in (METRICS_FILE, SAMPLES_FILE, "tensorboard", CHECKPOINTS):
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    return run
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch, drawn from (seed, epoch) alone; `position` also skips what was consumed."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        )
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to finish its step, checkpoint and stop; a second signal stops at once."""
+
+    def __enter__(self) -> _StopOnSignal:
+        self.requested: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # the second one is not caught
+        print(
+            f"\n{self.requested}: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
@@ -206,8 +307,11 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.lora_targets:  # peft's own error for an unmatched regex names nothing useful
+        validate_against_model(cfg, model, 0)
     model = add_lora(model, family, cfg)
     trainable, total = trainable_parameters(model)
+    validate_against_model(replace(cfg, lora_targets=None), model, trainable)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model, processor, family
 
@@ -241,6 +345,59 @@ class _Session:
         )
         self.metrics.write(**record)
         self.accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=record["step"])
+
+    def after_step(
+        self,
+        state: LoopState,
+        finite: bool,
+        bar: Any,
+        scheduler: Any,
+        total: int,
+        started: float,
+        seen_before: int,
+    ) -> None:
+        """Logging, the non-finite guard and sample captions, after each optimizer step."""
+        cfg = self.cfg
+        if not finite:
+            state.bad_steps_in_a_row += 1
+            state.bad_steps_total += 1
+            self.metrics.write(step=state.step, epoch=state.epoch, skipped="non-finite loss or gradient")
+            bar.write(
+                f"step {state.step}: non-finite loss or gradient, step skipped "
+                f"({state.bad_steps_in_a_row} in a row)"
+            )
+            if state.bad_steps_in_a_row >= cfg.max_bad_steps:
+                last = complete_checkpoints(Path(cfg.output))
+                raise TrainingStopped(
+                    f"step {state.step}: {state.bad_steps_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient, so training stopped. Last good checkpoint: {last[-1] if last else 'none'}.\n"
+                    "Usual causes: fp16 overflow (try --dtype bfloat16 or float32), a learning rate too high "
+                    "(lower --lr, or raise --warmup-ratio), or a broken record in the data.",
+                    3,
+                )
+            return
+        state.bad_steps_in_a_row = 0
+        if (state.step % cfg.log_every == 0 or state.step == total) and state.window:
+            rate = (state.samples - seen_before) / (time.perf_counter() - started)
+            self.log(
+                bar,
+                step=state.step,
+                epoch=state.epoch,
+                loss=sum(state.window) / len(state.window),
+                lr=scheduler.get_last_lr()[0],
+                samples_per_s=rate,
+            )
+            state.window = []
+        if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
+            self.show_samples(state.step, bar)
+
+    def save(self, run: Path, optimizer: Any, scheduler: Any, state: LoopState) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        return save_checkpoint(
+            run, model, optimizer, scheduler, self.accelerator.scaler, state, self.cfg.keep
+        )
 
     def validate(self, loader: DataLoader, step: int, epoch: int, bar: Any) -> None:
         loss = evaluate_loss(self.model, loader, self.dtype)
