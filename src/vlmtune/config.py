@@ -245,8 +245,9 @@ def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None
                 {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
             )
             words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", cfg.lora_targets)
+            parts = {part for n in names for part in n.split(".")}  # words that name something are fine
             close = sorted(
-                {c for w in words if w not in leaves for c in difflib.get_close_matches(w, leaves, n=2)}
+                {c for w in words if w not in parts for c in difflib.get_close_matches(w, leaves, n=1)}
             )
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             p.append(

@@ -94,6 +94,8 @@ def train(cfg: TrainConfig) -> Path:
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     sampler = EpochSampler(len(train_items), cfg.seed)
+    # Its own generator too: each new iterator draws a seed, which must not come from the global generator
+    # that dropout uses (a resumed run would then be one draw off).
     loader = DataLoader(
         train_items,
         batch_size=cfg.batch_size,
@@ -101,6 +103,7 @@ def train(cfg: TrainConfig) -> Path:
         collate_fn=train_collate,
         num_workers=cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     val_examples, val_loader = None, None
     if val_set is not None:
@@ -176,11 +179,11 @@ def train(cfg: TrainConfig) -> Path:
                     if accelerator.sync_gradients:
                         norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
                         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-                    if (
-                        finite or accelerator.scaler is not None
-                    ):  # fp16's scaler skips non-finite steps itself
+                    # A non-finite step changes nothing, not even the schedule; with fp16 the gradient scaler
+                    # must see it (it skips the update itself and lowers its scale).
+                    if finite or accelerator.scaler is not None:
                         optimizer.step()
-                    scheduler.step()
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
                 if torch.isfinite(loss):

@@ -7,6 +7,7 @@
       metrics.jsonl                                     one line per logged step / validation
       samples.jsonl                                     captions generated during training
       tensorboard/                                      the same numbers for TensorBoard
+      checkpoints/step-XXXXXXXX/                        training state for --resume (see checkpoint.py)
 
 The adapter sits at the top level, so the directory is also a plain peft adapter directory.
 """
@@ -43,11 +44,31 @@ def versions() -> dict[str, str]:
 
     return {
         "vlmtune": __version__,
+        "vlmtune_git": _git_commit(),
         "torch": str(torch.__version__),
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def _git_commit() -> str | None:
+    """The commit vlmtune runs from (an editable install in a checkout), '+dirty' with local changes."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_run_config(run: Path, cfg: Any, base_model: str, family: str, device: str) -> None:
