@@ -14,7 +14,16 @@ import types
 import typing
 from typing import Any, Literal
 
-from .config import AskConfig, CaptionConfig, ConfigError, DemoConfig, MergeConfig, TrainConfig, load_yaml
+from .config import (
+    AskConfig,
+    CaptionConfig,
+    ConfigError,
+    DemoConfig,
+    EvaluateConfig,
+    MergeConfig,
+    TrainConfig,
+    load_yaml,
+)
 
 # name -> (config class, "module:function"); modules import lazily so `--help` does not wait for torch.
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -22,9 +31,10 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "caption": (CaptionConfig, "vlmtune.infer:caption"),
     "ask": (AskConfig, "vlmtune.infer:ask"),
     "merge": (MergeConfig, "vlmtune.export:merge"),
+    "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
     "demo": (DemoConfig, "vlmtune.demo:demo"),
 }
-USAGE_ERRORS = (ConfigError, ValueError, FileExistsError, NotImplementedError)
+USAGE_ERRORS = (ConfigError, ValueError, FileExistsError, NotImplementedError, ImportError)
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -137,6 +137,27 @@ class MergeConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Caption a dataset split and score it: BLEU, METEOR, ROUGE-L, CIDEr-D; metrics.json, report.html."""
+
+    run: str | None = opt(None, "run directory from `vlmtune train`")
+    model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
+    data: str = opt("", "dataset (any layout `train --data` reads)")
+    split: str | None = opt(None, "split to evaluate (default: validation, else test, else train)")
+    image_column: str = opt("image", "column holding the image")
+    text_column: str = opt("text", "column holding the reference caption (a string or a list of strings)")
+    compare: list[str] = opt(
+        [], "more models in the same table: 'base' (the run's base), run dirs, model ids"
+    )
+    output: str | None = opt(None, "where results go (default: RUN_DIR/eval, or eval/ for --model)")
+    limit: int | None = opt(None, "evaluate only the first N records")
+    batch_size: int = opt(16, "images per generate call")
+    max_new_tokens: int = opt(40, "longest caption in tokens")
+    num_beams: int = opt(1, "beam search width (1: greedy)")
+    dtype: Dtype = opt("auto", "weights dtype")
+
+
+@dataclass
 class DemoConfig:
     """The offline demo: fine-tune the tiny base on drawn football scenes, then compare captions."""
 

@@ -59,7 +59,7 @@ def expand_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def _load(source: str) -> Any:
+def load_any(source: str) -> Any:
     """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id."""
     import datasets
 
@@ -119,7 +119,7 @@ def load_splits(
     """(train, validation or None) as `datasets.Dataset`s, with `columns` checked to exist."""
     import datasets
 
-    loaded = _load(source)
+    loaded = load_any(source)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
 

@@ -1,0 +1,137 @@
+"""`vlmtune evaluate`: caption a split with one or more models, score against every reference, write a report.
+
+OUTPUT/
+  metrics.json        per model: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; tokenizer, library versions, notes
+  predictions.jsonl   per image: its id, path in the report, references, each model's caption
+  report.html         metrics table, loss curve, gallery (report.md: the same as Markdown)
+  loss.svg, images/   what the report shows
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import EvaluateConfig
+from .data import DataError, load_any, to_rgb
+from .infer import Captioner
+from .metrics import caption_scores
+from .report import loss_svg, write_report
+from .rundir import METRICS_FILE, atomic_write_text, read_run, versions
+
+THUMBNAIL = 256  # pixels, longest side, for the gallery
+
+
+def _split(cfg: EvaluateConfig) -> tuple[str, Any]:
+    import datasets
+
+    loaded = load_any(cfg.data)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    name = cfg.split or next((s for s in ("validation", "test") if s in loaded), next(iter(loaded)))
+    if name not in loaded:
+        raise DataError(f"dataset {cfg.data} has no split {name!r}; its splits: {', '.join(loaded)}")
+    ds = loaded[name]
+    missing = [c for c in (cfg.image_column, cfg.text_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"dataset {cfg.data} (split {name!r}) has no column {', '.join(map(repr, missing))}; "
+            f"its columns: {', '.join(ds.column_names)}"
+        )
+    if cfg.limit:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    return name, ds
+
+
+def _references(value: Any, row: int) -> list[str]:
+    refs = [value] if isinstance(value, str) else list(value or [])
+    refs = [r for r in refs if isinstance(r, str) and r.strip()]
+    if not refs:
+        raise DataError(f"row {row}: no reference caption (got {value!r})")
+    return refs
+
+
+def _models(cfg: EvaluateConfig) -> list[tuple[str, dict[str, str]]]:
+    """(label, Captioner.load kwargs) for the main model and each --compare entry."""
+    if (cfg.run is None) == (cfg.model is None):
+        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL")
+    main = ("fine-tuned" if cfg.run else "base", {"run": cfg.run} if cfg.run else {"model": cfg.model})
+    out = [main]
+    for other in cfg.compare:
+        if other == "base":
+            if not cfg.run:
+                raise ValueError("--compare base needs --run (it names the run's base model)")
+            out.insert(0, ("base", {"model": read_run(cfg.run)["base_model"]}))
+        elif (Path(other) / "adapter_config.json").exists():
+            out.append((Path(other).name, {"run": other}))
+        else:
+            out.append((other, {"model": other}))
+    return out
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    models = _models(cfg)  # argument mistakes before any loading
+    split, ds = _split(cfg)
+    out = Path(cfg.output or (Path(cfg.run) / "eval" if cfg.run else "eval"))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    images = [to_rgb(im) for im in ds[cfg.image_column]]
+    references = {str(i): _references(v, i) for i, v in enumerate(ds[cfg.text_column])}
+    captions: dict[str, list[str]] = {}
+    table: dict[str, dict[str, float]] = {}
+    info: dict[str, Any] = {}
+    for label, source in models:
+        captioner = Captioner.load(dtype=cfg.dtype, **source)
+        print(f"captioning {len(images)} images of split {split!r} with {label} ...", flush=True)
+        got = captioner.caption(
+            images, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams
+        )
+        captions[label] = got
+        result = caption_scores({str(i): c for i, c in enumerate(got)}, references)
+        table[label] = result["scores"]
+        info = {k: result[k] for k in ("tokenizer", "notes")}
+        del captioner
+
+    rows = []
+    for i, image in enumerate(images):
+        thumb = image.copy()
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumb.save(out / "images" / f"{i:05d}.png")
+        rows.append(
+            {
+                "id": i,
+                "image": f"images/{i:05d}.png",
+                "references": references[str(i)],
+                "captions": {label: captions[label][i] for label in captions},
+            }
+        )
+    svg = loss_svg(Path(cfg.run) / METRICS_FILE) if cfg.run else None
+    if svg:
+        (out / "loss.svg").write_text(svg)
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "data": cfg.data,
+        "split": split,
+        "images": len(images),
+        "metrics": table,
+        **info,
+        "metric_implementation": "pycocoevalcap 1.2 (COCO caption evaluation)",
+        "versions": versions(),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split})"
+    write_report(
+        out, title, table, rows, info["notes"] + [f"Tokenizer: {info['tokenizer']}."], svg is not None
+    )
+    _print_table(table)
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} and {out / 'report.html'}")
+    return summary
+
+
+def _print_table(table: dict[str, dict[str, float]]) -> None:
+    metrics = list(next(iter(table.values())))
+    width = max(len(m) for m in table) + 2
+    print("\n" + "".ljust(width) + "".join(f"{m:>10}" for m in metrics))
+    for label, scores in table.items():
+        print(label.ljust(width) + "".join(f"{scores[m]:>10.4f}" for m in metrics))
