@@ -1,5 +1,7 @@
 """Training options that change the graph: each still trains what it should (short runs, a few steps)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -58,3 +60,43 @@ def test_same_seed_same_adapter(football, tmp_path):
     a = adapter(train(short(football, tmp_path / "a")))
     b = adapter(train(short(football, tmp_path / "b")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_keeps_the_best_adapter(football, tmp_path):
+    cfg = TrainConfig(
+        model="tiny",
+        data=football,
+        output=str(tmp_path / "run"),
+        val_split="validation",
+        max_steps=6,
+        eval_every=2,
+        eval_metrics=True,
+        best_metric="CIDEr-D",
+        batch_size=8,
+        lr=3e-3,
+        sample_every=0,
+        num_samples=0,
+    )
+    run = train(cfg)
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all("CIDEr-D" in r and "BLEU-4" in r for r in evals)
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["metric"] == "CIDEr-D" and best["CIDEr-D"] == max(r["CIDEr-D"] for r in evals)
+    assert (run / "best" / "adapter_model.safetensors").exists()  # and the last one at the top level
+    assert (run / "adapter_model.safetensors").exists()
+    from datasets import load_from_disk
+
+    from vlmtune.infer import Captioner
+
+    # best/ is a run directory of its own: caption, evaluate and merge take it
+    image = load_from_disk(football)["test"][0]["image"]
+    assert Captioner.from_run(str(run / "best")).caption([image])[0]
+
+
+def test_best_metric_needs_eval_metrics(football, tmp_path):
+    from vlmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--best-metric CIDEr-D needs --eval-metrics"):
+        train(short(football, tmp_path / "run", val_split="validation", best_metric="CIDEr-D"))

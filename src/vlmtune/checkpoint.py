@@ -40,6 +40,7 @@ class LoopState:
     bad_steps_in_a_row: int = 0
     bad_steps_total: int = 0
     window: list[float] = field(default_factory=list)  # losses since the last log line
+    best: float | None = None  # the best --best-metric so far (its adapter is in RUN_DIR/best)
 
 
 def checkpoint_dir(run: Path) -> Path:

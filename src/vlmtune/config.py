@@ -83,6 +83,14 @@ class TrainConfig:
     )
     seed: int = opt(42, "seed for weights init, data order and dropout")
     num_workers: int = opt(0, "DataLoader worker processes decoding images")
+    # evaluation during training (needs --val-split or --val-fraction)
+    eval_every: int = opt(0, "optimizer steps between validations (0: at each epoch end)")
+    eval_metrics: bool = opt(
+        False, "also caption the validation split and score it (BLEU, METEOR, ROUGE-L, CIDEr-D)"
+    )
+    best_metric: str = opt(
+        "val_loss", "what picks RUN_DIR/best/: val_loss (lower wins) or a caption metric (CIDEr-D, ...)"
+    )
     # output, checkpoints, resuming
     output: str = opt("runs/blip2-lora", "run directory to write")
     overwrite: bool = opt(False, "replace an existing run directory's adapter and checkpoints")
@@ -228,6 +236,16 @@ def validate_train(cfg: TrainConfig) -> None:
     for name in ("keep", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    from .metrics import CAPTION_METRICS
+
+    if cfg.best_metric not in ("val_loss", *CAPTION_METRICS):
+        p.append(
+            f"--best-metric must be val_loss or one of {', '.join(CAPTION_METRICS)} (got {cfg.best_metric!r})"
+        )
+    elif cfg.best_metric != "val_loss" and not cfg.eval_metrics:
+        p.append(f"--best-metric {cfg.best_metric} needs --eval-metrics (captions are scored only then)")
+    if cfg.eval_every < 0:
+        p.append(f"--eval-every must be 0 or more (got {cfg.eval_every})")
     if cfg.save_every < 0:
         p.append(f"--save-every must be 0 or more (got {cfg.save_every})")
     out = Path(cfg.output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -30,7 +31,7 @@ from .config import TrainConfig, validate_against_model, validate_train
 from .data import CaptionExamples, Collator, TextOnlyExamples, column_values, load_splits
 from .families import IGNORE_INDEX, Family
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
-from .rundir import METRICS_FILE, SAMPLES_FILE, JsonlLog, save_atomically, write_run_config
+from .rundir import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, JsonlLog, save_atomically, write_run_config
 
 
 class TrainingStopped(RuntimeError):
@@ -193,6 +194,8 @@ def train(cfg: TrainConfig) -> Path:
                 state.step += 1
                 bar.update(1)
                 session.after_step(state, finite, bar, scheduler, total_steps, started, seen_before)
+                if val_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    session.validate(val_loader, val_examples, state, bar)
                 if cfg.save_every and state.step % cfg.save_every == 0:
                     session.save(run, optimizer, scheduler, state)
                 if stop.requested:
@@ -205,8 +208,8 @@ def train(cfg: TrainConfig) -> Path:
                 if state.step >= total_steps:
                     break
             if state.batches_in_epoch == batches_per_epoch:  # the epoch ran to its end
-                if val_loader is not None:
-                    session.validate(val_loader, state.step, state.epoch, bar)
+                if val_loader is not None and not cfg.eval_every:
+                    session.validate(val_loader, val_examples, state, bar)
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 session.save(run, optimizer, scheduler, state)
     bar.close()
@@ -402,23 +405,60 @@ class _Session:
             run, model, optimizer, scheduler, self.accelerator.scaler, state, self.cfg.keep
         )
 
-    def validate(self, loader: DataLoader, step: int, epoch: int, bar: Any) -> None:
-        loss = evaluate_loss(self.model, loader, self.dtype)
-        self.metrics.write(step=step, epoch=epoch, val_loss=loss)
-        self.accelerator.log({"val/loss": loss}, step=step)
-        bar.write(f"epoch {epoch}: validation loss {loss:.4f}")
+    def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
+        """Validation loss (and caption metrics with --eval-metrics); the best adapter so far to RUN_DIR/best."""
+        record: dict[str, float] = {"val_loss": evaluate_loss(self.model, loader, self.dtype)}
+        if self.cfg.eval_metrics:
+            record.update(self.caption_metrics(examples))
+        self.metrics.write(step=state.step, epoch=state.epoch, **record)
+        self.accelerator.log({f"val/{k}": v for k, v in record.items()}, step=state.step)
+        bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        value, lower_wins = record[self.cfg.best_metric], self.cfg.best_metric == "val_loss"
+        if state.best is None or (value < state.best if lower_wins else value > state.best):
+            state.best = value
+            self.save_best(state, record)
         self.train_mode()
 
-    def show_samples(self, step: int, bar: Any) -> None:
-        if not self.samples or not self.accelerator.is_main_process:
-            return
+    @torch.no_grad()
+    def caption_metrics(self, examples: Any) -> dict[str, float]:
+        from .metrics import caption_scores
+
         inner = self.accelerator.unwrap_model(self.model)
         inner.eval()
-        s = self.samples
+        got, refs = [], []
+        for start in range(0, len(examples), self.cfg.batch_size):
+            chunk = [examples[i] for i in range(start, min(start + self.cfg.batch_size, len(examples)))]
+            got += self.generate(inner, chunk)
+            refs += [[x["target"]] for x in chunk]
+        return caption_scores(
+            {str(i): g for i, g in enumerate(got)}, {str(i): r for i, r in enumerate(refs)}
+        )["scores"]
+
+    def save_best(self, state: LoopState, record: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        best = Path(self.cfg.output) / "best"
+        best.mkdir(exist_ok=True)
+        adapter = self.accelerator.unwrap_model(self.model)
+
+        def write(tmp: Path) -> None:
+            adapter.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            shutil.copy(best.parent / CONFIG_FILE, tmp / CONFIG_FILE)  # so `--run RUN_DIR/best` works too
+            (tmp / "best.json").write_text(
+                json.dumps(
+                    {"step": state.step, "epoch": state.epoch, "metric": self.cfg.best_metric, **record},
+                    indent=2,
+                )
+            )
+
+        save_atomically(best, write)
+
+    def generate(self, inner: Any, examples: list[dict[str, Any]]) -> list[str]:
         batch = self.family.encode(
             self.processor,
-            [x["image"] for x in s],
-            [x["prompt"] for x in s],
+            [x["image"] for x in examples],
+            [x["prompt"] for x in examples],
             None,
             max_length=self.cfg.max_length,
             padding_side="left",
@@ -427,8 +467,14 @@ class _Session:
         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
         with self.accelerator.autocast():
-            got = self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)
-        for x, g in zip(s, got, strict=True):
+            return self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)
+
+    def show_samples(self, step: int, bar: Any) -> None:
+        if not self.samples or not self.accelerator.is_main_process:
+            return
+        inner = self.accelerator.unwrap_model(self.model)
+        inner.eval()
+        for x, g in zip(self.samples, self.generate(inner, self.samples), strict=True):
             bar.write(f"step {step} sample: {g!r}  (reference: {x['target']!r})")
             self.sample_log.write(step=step, caption=g, reference=x["target"])
         self.train_mode()

@@ -5,6 +5,7 @@ from disk, offline."""
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ def loss_svg(metrics_file: Path, width: int = 640, height: int = 280) -> str | N
     if not series:
         return None
     pad = 48
-    points = [p for s in series.values() for p in s]
+    points = [p for s in series.values() for p in s if p[1] > 0 and math.isfinite(p[1])]
     x_max = max(p[0] for p in points) or 1
-    y_max = max(p[1] for p in points) or 1
+    # Log scale: a fine-tune's loss falls by orders of magnitude, and the tail is where the story is.
+    lo, hi = math.log10(min(p[1] for p in points)), math.log10(max(p[1] for p in points))
+    span = (hi - lo) or 1.0
 
     def xy(step: float, loss: float) -> str:
-        return f"{pad + (width - 2 * pad) * step / x_max:.1f},{height - pad - (height - 2 * pad) * loss / y_max:.1f}"
+        y = (math.log10(max(loss, 10**lo)) - lo) / span
+        return f"{pad + (width - 2 * pad) * step / x_max:.1f},{height - pad - (height - 2 * pad) * y:.1f}"
 
     colours = {"train loss": "#1f77b4", "validation loss": "#d62728"}
     parts = [
@@ -39,11 +43,13 @@ def loss_svg(metrics_file: Path, width: int = 640, height: int = 280) -> str | N
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
         f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">step (0 to {x_max})</text>',
-        f'<text x="{pad - 6}" y="{pad}" text-anchor="end">{y_max:.2f}</text>',
-        f'<text x="{pad - 6}" y="{height - pad}" text-anchor="end">0</text>',
+        f'<text x="{pad - 6}" y="{pad}" text-anchor="end">{10**hi:.3g}</text>',
+        f'<text x="{pad - 6}" y="{height - pad}" text-anchor="end">{10**lo:.3g}</text>',
+        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+        "loss (log scale)</text>",
     ]
     for i, (name, pts) in enumerate(series.items()):
-        line = " ".join(xy(s, v) for s, v in pts)
+        line = " ".join(xy(s, v) for s, v in pts if v > 0 and math.isfinite(v))
         parts.append(f'<polyline fill="none" stroke="{colours[name]}" stroke-width="2" points="{line}"/>')
         parts.append(
             f'<text x="{width - pad}" y="{pad + 16 * i}" text-anchor="end" fill="{colours[name]}">'
