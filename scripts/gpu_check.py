@@ -144,10 +144,81 @@ def caption_speed(run: Path, n: int = 64, batch_size: int = 16) -> dict:
     }
 
 
+def survive_checks(work: Path) -> dict:
+    """The CUDA side of runs that survive, on the tiny base: bf16 resume, and fp16 with a poisoned batch."""
+    from safetensors.torch import load_file
+
+    import vlmtune.finetune as finetune
+    from vlmtune.config import TrainConfig
+    from vlmtune.rundir import read_jsonl
+
+    train_rows, val_rows = in_memory_splits(96, 8)
+    finetune.load_splits = lambda *a, **k: (train_rows, None)
+
+    def cfg(out, **kw):
+        base = dict(
+            model="tiny",
+            data="(in memory)",
+            output=str(work / out),
+            batch_size=8,
+            lr=3e-3,
+            sample_every=0,
+            num_samples=0,
+            save_every=10,
+            overwrite=True,
+        )
+        return TrainConfig(**(base | kw))
+
+    out: dict = {}
+    straight = finetune.train(cfg("straight", max_steps=30))
+    real_save = finetune._Session.save
+
+    def crash_after_20(self, run, optimizer, scheduler, state):
+        path = real_save(self, run, optimizer, scheduler, state)
+        if state.step == 20:
+            raise RuntimeError("simulated crash after the step-20 checkpoint")
+        return path
+
+    finetune._Session.save = crash_after_20
+    try:
+        finetune.train(cfg("resumed", max_steps=30))
+    except RuntimeError as e:
+        out["crash"] = str(e)
+    finetune._Session.save = real_save
+    finetune.train(cfg("resumed", max_steps=30, resume="auto", overwrite=False))
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(work / "resumed" / "adapter_model.safetensors"))
+    out["bf16_resume_max_abs_diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
+    out["bf16_resume_bitwise"] = all(torch.equal(a[k], b[k]) for k in a)
+    rng = torch.load(work / "resumed" / "checkpoints" / "step-00000030" / "rng.pt", weights_only=False)
+    out["cuda_rng_saved"] = "cuda" in rng
+
+    real = finetune.build_feature_cache
+
+    def poisoned(*args, **kwargs):
+        features = real(*args, **kwargs)
+        features[3] = float("nan")
+        return features
+
+    finetune.build_feature_cache = poisoned
+    run = finetune.train(cfg("fp16-nan", dtype="float16", epochs=3))
+    finetune.build_feature_cache = real
+    records = read_jsonl(run / "metrics.jsonl")
+    out["fp16_skipped_steps"] = records[-1]["skipped_steps"]
+    out["fp16_adapter_finite"] = all(
+        torch.isfinite(v).all().item() for v in load_file(str(run / "adapter_model.safetensors")).values()
+    )
+    out["fp16_last_loss"] = [r["loss"] for r in records if "loss" in r][-1]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vlmtune-gpu"))
+    ap.add_argument(
+        "--only", choices=["survive"], help="just the checkpoint / resume / fp16 checks (tiny model)"
+    )
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -157,6 +228,10 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2), flush=True)
 
+    if args.only == "survive":
+        result["survive"] = survive_checks(args.work)
+        save()
+        return
     model_dir = args.work / "blip2-opt-2.7b-random"
     t = time.perf_counter()
     build_random_blip2(model_dir)

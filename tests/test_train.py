@@ -100,3 +100,10 @@ def test_best_metric_needs_eval_metrics(football, tmp_path):
 
     with pytest.raises(ConfigError, match="--best-metric CIDEr-D needs --eval-metrics"):
         train(short(football, tmp_path / "run", val_split="validation", best_metric="CIDEr-D"))
+
+
+def test_two_precisions_in_one_process(football, tmp_path):
+    """The Python API (a notebook) may train twice with different dtypes; Accelerate's state must follow."""
+    train(short(football, tmp_path / "fp32"))
+    run = train(short(football, tmp_path / "bf16", dtype="bfloat16"))
+    assert (run / "adapter_model.safetensors").exists()

@@ -63,6 +63,7 @@ def train(cfg: TrainConfig) -> Path:
     # The base in its half dtype under autocast, LoRA weights in fp32 (peft upcasts them): the classic AMP recipe.
     dtype = pick_dtype(cfg.dtype, PartialState().device)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    _forget_other_precision(mixed)
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -237,6 +238,15 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.end_training()
     accelerator.print(f"run directory: {run}")
     return run
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """Accelerate keeps one process-wide state; a second `train()` in the same process with another precision
+    (the Python API, a notebook) would otherwise be refused. The process-level (distributed) state is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state()
 
 
 def _prepare_run_dir(run: Path, resumed: bool) -> None:
