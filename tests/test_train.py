@@ -107,3 +107,12 @@ def test_two_precisions_in_one_process(football, tmp_path):
     train(short(football, tmp_path / "fp32"))
     run = train(short(football, tmp_path / "bf16", dtype="bfloat16"))
     assert (run / "adapter_model.safetensors").exists()
+
+
+def test_the_validation_split_is_written_to_the_run(football, tmp_path):
+    from vlmtune.data import held_out_rows
+
+    run = train(short(football, tmp_path / "run", val_fraction=0.1, seed=5))
+    doc = json.loads((run / "split.json").read_text())
+    assert doc["val_rows_of_split"] == held_out_rows(240, 0.1, 5) and len(doc["val_rows_of_split"]) == 24
+    assert doc["train_rows"] == 216

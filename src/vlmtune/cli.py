@@ -18,6 +18,7 @@ from .config import (
     AskConfig,
     CaptionConfig,
     ConfigError,
+    DataCheckConfig,
     DemoConfig,
     EvaluateConfig,
     MergeConfig,
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "ask": (AskConfig, "vlmtune.infer:ask"),
     "merge": (MergeConfig, "vlmtune.export:merge"),
     "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
+    "data": (DataCheckConfig, "vlmtune.datacheck:check"),
     "demo": (DemoConfig, "vlmtune.demo:demo"),
 }
 USAGE_ERRORS = (ConfigError, ValueError, FileExistsError, NotImplementedError, ImportError)
@@ -49,6 +51,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
     kw: dict[str, Any] = {"help": f.metadata.get("help", "")}
     if f.metadata.get("positional"):
         kw["nargs"] = "+" if typing.get_origin(tp) is list else None
+        kw["choices"] = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         parser.add_argument(f.name, metavar=f.name.upper(), **{k: v for k, v in kw.items() if v is not None})
         return
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

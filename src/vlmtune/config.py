@@ -56,6 +56,12 @@ class TrainConfig:
     image_column: str = opt("image", "column holding the image")
     text_column: str = opt("text", "column holding the caption (the target)")
     prompt: str = opt("", "text before every caption, masked out of the loss (e.g. 'a photo of')")
+    question_column: str | None = opt(
+        None,
+        "VQA: column with the question; the prompt becomes 'Question: ... Answer:', the target --text-column",
+    )
+    skip_bad: bool = opt(False, "train on the good records and list the bad ones in RUN_DIR/skipped.jsonl")
+    image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(
         64, "most text tokens per example (prompt + caption + end); longer captions are cut"
     )
@@ -163,6 +169,24 @@ class EvaluateConfig:
     max_new_tokens: int = opt(40, "longest caption in tokens")
     num_beams: int = opt(1, "beam search width (1: greedy)")
     dtype: Dtype = opt("auto", "weights dtype")
+
+
+@dataclass
+class DataCheckConfig:
+    """Load a dataset the way training would; summarise it and list every bad record."""
+
+    action: Literal["check"] = opt("check", "what to do", positional=True)
+    data: str = opt(
+        "",
+        "dataset: hub id, datasets dir, parquet/arrow, imagefolder, COCO json, .jsonl/.csv",
+        positional=True,
+    )
+    split: str | None = opt(None, "only this split (default: every split)")
+    image_column: str = opt("image", "column holding the image")
+    text_column: str = opt("text", "column holding the caption(s)")
+    image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
+    max_length: int = opt(64, "token budget per caption: longer ones are counted as cut")
+    model: str = opt("tiny", "whose tokenizer counts caption tokens (hub id, directory or 'tiny')")
 
 
 @dataclass

@@ -4,6 +4,7 @@ examples into model inputs through the model family."""
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,25 @@ class DataError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with EXIF rotation applied; transparency composited on white (not on black, PIL's default)."""
+    """RGB with EXIF rotation applied; transparency composited on white (not on black, PIL's default); 16-bit
+    and float greyscale scaled to 8 bits (PIL's own conversion clips them); CMYK and palettes converted.
+    The original mode stays in `.info["source_mode"]`."""
+    source = image.mode
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+    elif image.mode.startswith(("I", "F")):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
+        out = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+    else:
+        out = image.convert("RGB")
+    out.info["source_mode"] = source
+    return out
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -59,35 +71,69 @@ def expand_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def load_any(source: str) -> Any:
-    """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id."""
-    import datasets
+def detect(source: str) -> tuple[str, Path | None]:
+    """What `source` is: (kind, the file or folder to read). Kinds: hub, datasets-dir, imagefolder, coco,
+    manifest, parquet, arrow."""
+    from .formats import find_coco, is_coco
 
     path = Path(source)
     if not path.exists():
+        return "hub", None
+    if path.is_file():
+        if path.suffix in (".parquet", ".arrow"):
+            return path.suffix[1:], path
+        if path.suffix in (".jsonl", ".csv"):
+            return "manifest", path
+        if is_coco(path):
+            return "coco", path
+        raise DataError(
+            f"{path} is a file vlmtune cannot read as a dataset: expected a COCO captions .json, a .jsonl or "
+            ".csv manifest (image path + text), or .parquet / .arrow"
+        )
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return "datasets-dir", path
+    if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
+        return "imagefolder", path
+    coco = find_coco(path)
+    if coco is not None:
+        return "coco", coco
+    for kind in ("parquet", "arrow"):
+        if next(path.rglob(f"*.{kind}"), None) is not None:
+            return kind, path
+    raise DataError(
+        f"{path} is not a dataset vlmtune can read: expected a `datasets` save_to_disk directory, parquet or "
+        "arrow files, images with metadata.jsonl / metadata.csv (file_name + caption), a COCO captions "
+        "annotations .json (with its images beside it or in images/), or a .jsonl / .csv manifest"
+    )
+
+
+def load_any(source: str, image_root: str | None = None) -> Any:
+    """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id."""
+    import datasets
+
+    from .formats import load_coco, load_manifest
+
+    kind, path = detect(source)
+    if kind == "hub":
         try:
             return datasets.load_dataset(source)
         except (ConnectionError, OSError) as e:  # offline, or no such repository
             raise _unreachable(source, e) from e
-    if path.is_file() and path.suffix not in (".parquet", ".arrow"):
-        raise DataError(f"{path} is a file vlmtune cannot read as a dataset (expected .parquet or .arrow)")
     try:
-        if path.is_file():
-            return datasets.load_dataset(path.suffix[1:], data_files={"train": str(path)})
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if kind == "coco":
+            return load_coco(path, image_root)
+        if kind == "manifest":
+            return load_manifest(path)
+        if kind == "datasets-dir":
             return datasets.load_from_disk(str(path))
-        if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
+        if kind == "imagefolder":
             return datasets.load_dataset("imagefolder", data_dir=str(path))
-        for kind in ("parquet", "arrow"):
-            files = sorted(str(f) for f in path.rglob(f"*.{kind}"))
-            if files:
-                return datasets.load_dataset(kind, data_files=_files_by_split(files))
+        files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
+        return datasets.load_dataset(kind, data_files=_files_by_split(files))
     except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"cannot read dataset {path}: {e}") from e
-    raise DataError(
-        f"{path} is not a dataset vlmtune can read: expected a `datasets` save_to_disk directory, "
-        "parquet or arrow files, or images with metadata.jsonl / metadata.csv (file_name + caption)"
-    )
 
 
 def _unreachable(source: str, err: Exception) -> DataError:
@@ -115,11 +161,12 @@ def load_splits(
     val_fraction: float = 0.0,
     columns: tuple[str, ...] = ("image", "text"),
     seed: int = 42,
+    image_root: str | None = None,
 ) -> tuple[Any, Any | None]:
     """(train, validation or None) as `datasets.Dataset`s, with `columns` checked to exist."""
     import datasets
 
-    loaded = load_any(source)
+    loaded = load_any(source, image_root)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
 
@@ -139,9 +186,18 @@ def load_splits(
     if val_split:
         return train, pick(val_split)
     if val_fraction:
-        parts = train.train_test_split(test_size=val_fraction, seed=seed)
-        return parts["train"], parts["test"]
+        held_out = held_out_rows(len(train), val_fraction, seed)
+        keep = sorted(set(range(len(train))) - set(held_out))
+        return train.select(keep), train.select(held_out)
     return train, None
+
+
+def held_out_rows(n: int, fraction: float, seed: int) -> list[int]:
+    """The validation rows of a --val-fraction split: a function of (n, fraction, seed) alone, so a resumed or
+    repeated run holds out the same ones (they are also written to RUN_DIR/split.json)."""
+    count = max(1, round(n * fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:count])
 
 
 def column_values(dataset: Any, column: str) -> list[Any]:
@@ -151,52 +207,98 @@ def column_values(dataset: Any, column: str) -> list[Any]:
     return [row[column] for row in dataset]
 
 
-@dataclass
-class CaptionExamples:
-    """A torch-style dataset of (image, prompt, target) from a `datasets.Dataset`; images decoded lazily."""
+def as_image(value: Any, where: str) -> Image.Image:
+    """A dataset cell as an RGB image: a PIL image, a path, or {"bytes"/"path"} as `datasets` stores them."""
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    if isinstance(value, (str, os.PathLike, io.BytesIO)):
+        return open_image(value)
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    raise DataError(f"{where}: expected an image, got {type(value).__name__}")
 
-    dataset: Any
-    image_column: str = "image"
-    text_column: str = "text"
+
+def targets_of(value: Any) -> list[str]:
+    """A text cell as its list of targets: one caption, or several (COCO, VQA answers)."""
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class Prompting:
+    """Where each example's prompt comes from: a fixed --prompt, or a question column through the template."""
+
     prompt: str = ""
+    question_column: str | None = None
+    template: str = "Question: {question} Answer:"
+
+    def __call__(self, row: dict[str, Any]) -> str:
+        if self.question_column is None:
+            return self.prompt
+        return self.template.format(question=str(row[self.question_column]).strip())
+
+
+class CaptionExamples:
+    """(image, prompt, target) examples from a `datasets.Dataset`, images decoded lazily.
+
+    A row with several targets (COCO's captions, VQA's answers) gives one example per target; `per_image`
+    gives one example per row instead (the first target), for work done once per image.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        image_column: str = "image",
+        text_column: str = "text",
+        prompting: Prompting | None = None,
+        per_image: bool = False,
+    ):
+        self.dataset, self.image_column, self.text_column = dataset, image_column, text_column
+        self.prompting = prompting or Prompting()
+        texts = column_values(dataset, text_column)
+        self.pairs = (
+            [(i, targets_of(t)[0]) for i, t in enumerate(texts)]
+            if per_image
+            else [(i, t) for i, value in enumerate(texts) for t in targets_of(value)]
+        )
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.pairs)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, text = self.pairs[k]
         row = self.dataset[i]
-        image = row[self.image_column]
-        if isinstance(image, (str, os.PathLike)):
-            image = open_image(image)
-        elif isinstance(image, Image.Image):
-            image = to_rgb(image)
-        else:
-            raise DataError(
-                f"row {i}, column {self.image_column!r}: expected an image, got {type(image).__name__}"
-            )
-        text = row[self.text_column]
+        image = as_image(row[self.image_column], f"row {i}, column {self.image_column!r}")
         if not isinstance(text, str) or not text.strip():
             raise DataError(
                 f"row {i}, column {self.text_column!r}: expected a non-empty caption, got {text!r}"
             )
-        return {"image": image, "prompt": self.prompt, "target": text, "index": i}
+        return {"image": image, "prompt": self.prompting(row), "target": text, "index": i}
+
+    def without_images(self) -> TextOnlyExamples:
+        """The same examples, in the same order, with no image decoded (for cached image features)."""
+        column = self.prompting.question_column
+        prompts = (
+            [self.prompting({column: q}) for q in column_values(self.dataset, column)]
+            if column
+            else [self.prompting.prompt] * len(self.dataset)
+        )
+        return TextOnlyExamples([(i, prompts[i], t) for i, t in self.pairs])
 
 
 @dataclass
 class TextOnlyExamples:
     """(index, prompt, target) without decoding any image: for training on cached image features."""
 
-    texts: list[str]
-    prompt: str = ""
+    items: list[tuple[int, str, str]]  # (row, prompt, target)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        text = self.texts[i]
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, prompt, text = self.items[k]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"row {i}: expected a non-empty caption, got {text!r}")
-        return {"prompt": self.prompt, "target": text, "index": i}
+        return {"prompt": prompt, "target": text, "index": i}
 
 
 @dataclass

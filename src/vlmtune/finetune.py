@@ -28,10 +28,19 @@ from .checkpoint import (
     truncate_logs,
 )
 from .config import TrainConfig, validate_against_model, validate_train
-from .data import CaptionExamples, Collator, TextOnlyExamples, column_values, load_splits
+from .data import CaptionExamples, Collator, DataError, Prompting, held_out_rows, load_splits
+from .datacheck import bad_as_dicts, bad_report, find_bad_records
 from .families import IGNORE_INDEX, Family
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
-from .rundir import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, JsonlLog, save_atomically, write_run_config
+from .rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SAMPLES_FILE,
+    JsonlLog,
+    atomic_write_text,
+    save_atomically,
+    write_run_config,
+)
 
 
 class TrainingStopped(RuntimeError):
@@ -57,8 +66,27 @@ def train(cfg: TrainConfig) -> Path:
     _prepare_run_dir(run, resumed=resume_from is not None)
     set_seed(cfg.seed)
     # Data first: a wrong path or column fails in seconds, not after minutes of loading weights.
-    columns = (cfg.image_column, cfg.text_column)
-    train_set, val_set = load_splits(cfg.data, cfg.split, cfg.val_split, cfg.val_fraction, columns, cfg.seed)
+    columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
+    train_set, val_set = load_splits(
+        cfg.data, cfg.split, cfg.val_split, cfg.val_fraction, columns, cfg.seed, cfg.image_root
+    )
+    split_doc = {
+        "data": cfg.data,
+        "split": cfg.split,
+        "train_rows": len(train_set),
+        "val_split": cfg.val_split,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
+    if cfg.val_fraction:
+        split_doc["val_rows_of_split"] = held_out_rows(
+            len(train_set) + len(val_set), cfg.val_fraction, cfg.seed
+        )
+    atomic_write_text(run / "split.json", json.dumps(split_doc) + "\n")
+    # Every record is checked now, so a bad one stops nothing halfway through an epoch.
+    train_set = _drop_bad(train_set, cfg, run, cfg.split)
+    if val_set is not None:
+        val_set = _drop_bad(val_set, cfg, run, cfg.val_split or "validation")
 
     # The base in its half dtype under autocast, LoRA weights in fp32 (peft upcasts them): the classic AMP recipe.
     dtype = pick_dtype(cfg.dtype, PartialState().device)
@@ -75,7 +103,8 @@ def train(cfg: TrainConfig) -> Path:
     load_s = time.perf_counter() - clock
 
     collate = Collator(family, processor, cfg.max_length)
-    examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, cfg.prompt)
+    prompting = Prompting(cfg.prompt, cfg.question_column, family.question_template)
+    examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
     features, train_items, train_collate, cache_s = None, examples, collate, 0.0
     use_cache, why = wants_cache(cfg, family, model)
     accelerator.print(f"image feature cache: {'on' if use_cache else 'off'} ({why})")
@@ -85,14 +114,14 @@ def train(cfg: TrainConfig) -> Path:
             model,
             family,
             collate,
-            examples,
+            CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting, per_image=True),
             dtype=dtype,
             accelerator=accelerator,
             batch_size=4 * cfg.batch_size,
             num_workers=cfg.num_workers,
         )
         cache_s = time.perf_counter() - clock
-        train_items = TextOnlyExamples(column_values(train_set, cfg.text_column), cfg.prompt)
+        train_items = examples.without_images()
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     sampler = EpochSampler(len(train_items), cfg.seed)
@@ -109,7 +138,7 @@ def train(cfg: TrainConfig) -> Path:
     )
     val_examples, val_loader = None, None
     if val_set is not None:
-        val_examples = CaptionExamples(val_set, cfg.image_column, cfg.text_column, cfg.prompt)
+        val_examples = CaptionExamples(val_set, cfg.image_column, cfg.text_column, prompting)
         val_loader = DataLoader(
             val_examples, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers
         )
@@ -240,6 +269,23 @@ def train(cfg: TrainConfig) -> Path:
     return run
 
 
+def _drop_bad(dataset: Any, cfg: TrainConfig, run: Path, split: str) -> Any:
+    """`dataset` without its bad records with --skip-bad (listed in skipped.jsonl); otherwise an error naming all."""
+    bad = find_bad_records(dataset, cfg.image_column, cfg.text_column)
+    if not bad:
+        return dataset
+    if not cfg.skip_bad:
+        raise DataError(bad_report(cfg.data, split, bad))
+    log = JsonlLog(run / "skipped.jsonl")
+    for record in bad_as_dicts(bad):
+        log.write(split=split, **record)
+    rows = {b.row for b in bad}
+    print(
+        f"--skip-bad: {len(rows)} bad record(s) of split {split!r} left out, listed in {run / 'skipped.jsonl'}"
+    )
+    return dataset.select([i for i in range(len(dataset)) if i not in rows])
+
+
 def _forget_other_precision(mixed: str) -> None:
     """Accelerate keeps one process-wide state; a second `train()` in the same process with another precision
     (the Python API, a notebook) would otherwise be refused. The process-level (distributed) state is kept."""
@@ -255,7 +301,7 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
         return
     # An earlier run's logs and checkpoints (reachable only with --overwrite) would mix with this one's. Its
     # adapter stays until this run saves a new one.
-    for stale in (METRICS_FILE, SAMPLES_FILE, "tensorboard", CHECKPOINTS):
+    for stale in (METRICS_FILE, SAMPLES_FILE, "tensorboard", CHECKPOINTS, "skipped.jsonl"):
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 

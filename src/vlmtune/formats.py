@@ -1,0 +1,114 @@
+"""Dataset layouts beyond what `datasets` reads by itself: COCO captions and JSONL / CSV manifests.
+
+Each becomes a `datasets.Dataset` with an `image` column of absolute paths and a `text` column (a list of
+captions for COCO, one row per image, so evaluation keeps every reference and training makes a pair of each),
+plus `question` / `answer` when a manifest has them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+IMAGE_KEYS = ("image", "file_name", "image_path", "path", "filepath")
+TEXT_KEYS = ("text", "caption", "captions")
+
+
+def is_coco(path: Path) -> bool:
+    """A COCO captions annotations file: a JSON object with `images` and `annotations` lists."""
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        with path.open() as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return '"images"' in head or '"annotations"' in head
+
+
+def find_coco(folder: Path) -> Path | None:
+    """The annotations file of a COCO-style folder (top level or annotations/)."""
+    for candidate in sorted([*folder.glob("*.json"), *folder.glob("annotations/*.json")]):
+        if is_coco(candidate):
+            return candidate
+    return None
+
+
+def _image_root(annotations: Path, image_root: str | None, first: str) -> Path:
+    if image_root:
+        return Path(image_root)
+    for root in (
+        annotations.parent,
+        annotations.parent / "images",
+        annotations.parent.parent,
+        annotations.parent.parent / "images",
+    ):
+        if (root / first).exists():
+            return root
+    return annotations.parent
+
+
+def load_coco(annotations: Path, image_root: str | None = None) -> Any:
+    """One row per image: `image` (absolute path), `text` (all its captions), `image_id`."""
+    import datasets
+
+    from .data import DataError
+
+    try:
+        doc = json.loads(annotations.read_text())
+        images, anns = doc["images"], doc["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{annotations} is not a COCO captions file (needs `images` and `annotations`): {e}"
+        ) from e
+    captions: dict[Any, list[str]] = defaultdict(list)
+    for i, a in enumerate(anns):
+        if not isinstance(a, dict) or "image_id" not in a:
+            raise DataError(f"{annotations}: annotations[{i}] has no image_id")
+        captions[a["image_id"]].append(a.get("caption"))
+    root = _image_root(annotations, image_root, images[0]["file_name"] if images else "")
+    rows = {"image": [], "text": [], "image_id": []}
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or "file_name" not in im or "id" not in im:
+            raise DataError(f"{annotations}: images[{i}] needs file_name and id")
+        rows["image"].append(str((root / im["file_name"]).resolve()))
+        rows["text"].append(captions.get(im["id"], []))
+        rows["image_id"].append(str(im["id"]))
+    return datasets.Dataset.from_dict(rows)
+
+
+def load_manifest(path: Path) -> Any:
+    """A .jsonl or .csv with an image path (relative to the manifest) and a caption, or question/answer(s)."""
+    import datasets
+
+    from .data import DataError
+
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            with path.open(newline="") as f:
+                records = list(csv.DictReader(f))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read manifest {path}: {e}") from e
+    if not records:
+        raise DataError(f"manifest {path} has no records")
+    keys = set(records[0])
+    image_key = next((k for k in IMAGE_KEYS if k in keys), None)
+    if image_key is None:
+        raise DataError(
+            f"manifest {path}: no image column (one of {', '.join(IMAGE_KEYS)}); it has {sorted(keys)}"
+        )
+    rows: dict[str, list] = {"image": []}
+    text_key = next((k for k in TEXT_KEYS if k in keys), None)
+    for r in records:
+        rows["image"].append(str((path.parent / str(r.get(image_key, ""))).resolve()))
+    if text_key:
+        rows["text"] = [r.get(text_key) for r in records]
+    for extra in ("question", "answer", "answers", "id"):
+        if extra in keys:
+            rows[extra] = [r.get(extra) for r in records]
+    return datasets.Dataset.from_dict(rows)

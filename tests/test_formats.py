@@ -1,0 +1,230 @@
+"""Every dataset layout users bring gives the same records; every kind of bad record is named."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmtune import datacheck
+from vlmtune.cli import main
+from vlmtune.config import TrainConfig
+from vlmtune.data import CaptionExamples, detect, load_splits, to_rgb
+from vlmtune.finetune import train
+from vlmtune.rundir import read_jsonl
+from vlmtune.synthetic import examples
+
+ROWS = list(examples("football", 5, seed=11))
+CAPTIONS = [[r.text, r.text.replace("player", "footballer")] for r in ROWS]  # two captions per image
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB")).tobytes()
+
+
+def write_images(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, r in enumerate(ROWS):
+        r.image.save(folder / f"{i}.png")
+        names.append(f"{i}.png")
+    return names
+
+
+def write_format(kind: str, root: Path) -> Path:
+    """The fixture builder: the same five images and ten captions in each layout."""
+    if kind == "coco":
+        names = write_images(root / "images")
+        doc = {
+            "images": [{"id": 100 + i, "file_name": n} for i, n in enumerate(names)],
+            "annotations": [
+                {"id": 10 * i + j, "image_id": 100 + i, "caption": c}
+                for i, caps in enumerate(CAPTIONS)
+                for j, c in enumerate(caps)
+            ],
+        }
+        (root / "annotations").mkdir()
+        (root / "annotations" / "captions_train.json").write_text(json.dumps(doc))
+        return root
+    if kind == "jsonl":
+        names = write_images(root / "pics")
+        with open(root / "train.jsonl", "w") as f:
+            for n, caps in zip(names, CAPTIONS, strict=True):
+                for c in caps:
+                    f.write(json.dumps({"image": f"pics/{n}", "text": c}) + "\n")
+        return root / "train.jsonl"
+    if kind == "csv":
+        names = write_images(root / "pics")
+        with open(root / "train.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "caption"])
+            w.writerows([f"pics/{n}", c] for n, caps in zip(names, CAPTIONS, strict=True) for c in caps)
+        return root / "train.csv"
+    if kind == "imagefolder":
+        names = write_images(root / "nested" / "deeper")
+        with open(root / "metadata.jsonl", "w") as f:
+            for n, caps in zip(names, CAPTIONS, strict=True):
+                for c in caps:
+                    f.write(json.dumps({"file_name": f"nested/deeper/{n}", "text": c}) + "\n")
+        return root
+    if kind == "datasets-dir":
+        from datasets import Dataset
+
+        Dataset.from_dict({"image": [r.image for r in ROWS], "text": CAPTIONS}).save_to_disk(str(root / "d"))
+        return root / "d"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["coco", "jsonl", "csv", "imagefolder", "datasets-dir"])
+def test_every_format_gives_the_same_records(kind, tmp_path):
+    source = write_format(kind, tmp_path)
+    expected_kind = {"jsonl": "manifest", "csv": "manifest"}.get(kind, kind)
+    assert detect(str(source))[0] == expected_kind
+    train_set, _ = load_splits(str(source))
+    items = CaptionExamples(train_set)
+    got = sorted((pixels(items[k]["image"]), items[k]["target"]) for k in range(len(items)))
+    want = sorted((pixels(r.image), c) for r, caps in zip(ROWS, CAPTIONS, strict=True) for c in caps)
+    assert got == want  # one training pair per caption
+
+
+def test_coco_keeps_every_reference_per_image(tmp_path):
+    train_set, _ = load_splits(str(write_format("coco", tmp_path)))
+    assert len(train_set) == 5 and train_set["text"] == CAPTIONS  # one row per image, both captions
+    assert len(CaptionExamples(train_set, per_image=True)) == 5
+    assert len(CaptionExamples(train_set)) == 10
+
+
+def test_coco_with_image_root_elsewhere(tmp_path):
+    write_format("coco", tmp_path / "a")
+    ann = tmp_path / "a" / "annotations" / "captions_train.json"
+    moved = tmp_path / "somewhere"
+    (tmp_path / "a" / "images").rename(moved)
+    train_set, _ = load_splits(str(ann), image_root=str(moved))
+    assert Path(train_set["image"][0]).parent == moved.resolve()
+
+
+def test_vqa_manifest_puts_the_question_in_the_prompt(tmp_path, football):
+    names = write_images(tmp_path / "pics")
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        for n in names:
+            f.write(
+                json.dumps({"image": f"pics/{n}", "question": "how many players?", "answer": "one"}) + "\n"
+            )
+    cfg = TrainConfig(
+        model="tiny",
+        data=str(tmp_path / "vqa.jsonl"),
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        question_column="question",
+        text_column="answer",
+        sample_every=0,
+        num_samples=0,
+    )
+    train_set, _ = load_splits(cfg.data, columns=("image", "answer", "question"))
+    from vlmtune.data import Prompting
+
+    item = CaptionExamples(train_set, text_column="answer", prompting=Prompting(question_column="question"))[
+        0
+    ]
+    assert item["prompt"] == "Question: how many players? Answer:" and item["target"] == "one"
+    assert (train(cfg) / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad records
+
+
+def broken_manifest(tmp_path: Path) -> Path:
+    names = write_images(tmp_path / "pics")
+    (tmp_path / "pics" / "truncated.png").write_bytes((tmp_path / "pics" / names[0]).read_bytes()[:200])
+    (tmp_path / "pics" / "notes.png").write_text("not an image at all")
+    rows = [
+        {"id": "a", "image": f"pics/{names[0]}", "text": "a fine record"},
+        {"id": "b", "image": "pics/missing.png", "text": "its file is missing"},
+        {"id": "c", "image": "pics/truncated.png", "text": "its file is cut short"},
+        {"id": "d", "image": "pics/notes.png", "text": "its file is text"},
+        {"id": "e", "image": f"pics/{names[1]}", "text": "   "},
+        {"id": "f", "image": f"pics/{names[2]}", "text": None},
+        {"id": "a", "image": f"pics/{names[3]}", "text": "a duplicated id"},
+        {"id": "g", "image": f"pics/{names[4]}", "text": "another fine record"},
+    ]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return tmp_path / "train.jsonl"
+
+
+def test_each_bad_record_kind_is_named(tmp_path):
+    train_set, _ = load_splits(str(broken_manifest(tmp_path)))
+    bad = {b.row: b for b in datacheck.find_bad_records(train_set, "image", "text", progress=False)}
+    assert sorted(bad) == [1, 2, 3, 4, 5, 6]
+    assert "does not exist" in bad[1].why and bad[1].file.endswith("missing.png")
+    assert "cannot be read" in bad[2].why and bad[2].file.endswith("truncated.png")
+    assert "cannot be read" in bad[3].why and bad[3].file.endswith("notes.png")
+    assert bad[4].field == "text" and "non-empty caption" in bad[4].why
+    assert bad[5].field == "text" and "None" in bad[5].why
+    assert bad[6].field == "id" and "duplicated id 'a' (first at row 0)" in bad[6].why
+
+
+def test_pixel_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(datacheck, "MAX_PIXELS", 1000)  # a decompression bomb, scaled down
+    from datasets import Dataset
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    ds = Dataset.from_dict({"image": [str(tmp_path / "big.png")], "text": ["x"]})
+    (bad,) = datacheck.find_bad_records(ds, "image", "text", progress=False)
+    assert "cannot be read" in bad.why and "decompression bomb" in bad.why.lower()
+
+
+def test_training_refuses_with_every_bad_record_listed(tmp_path, capsys):
+    source = broken_manifest(tmp_path)
+    code = main(["train", "--model", "tiny", "--data", str(source), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "6 bad record(s)" in err and "--skip-bad" in err
+    for row in range(1, 7):
+        assert f"row {row}," in err
+
+
+def test_skip_bad_trains_on_the_rest(tmp_path):
+    cfg = TrainConfig(
+        model="tiny",
+        data=str(broken_manifest(tmp_path)),
+        output=str(tmp_path / "run"),
+        skip_bad=True,
+        max_steps=2,
+        batch_size=2,
+        sample_every=0,
+        num_samples=0,
+    )
+    run = train(cfg)
+    skipped = read_jsonl(run / "skipped.jsonl")
+    assert sorted(r["row"] for r in skipped) == [1, 2, 3, 4, 5, 6]
+    assert (run / "adapter_model.safetensors").exists()
+
+
+def test_data_check_summarises_and_lists_bad_records(tmp_path, capsys):
+    assert main(["data", "check", str(broken_manifest(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "detected manifest" in out and "8 records" in out and "bad records: 6" in out
+    assert "caption tokens: min" in out and "width: min" in out
+
+
+def test_image_modes():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)  # not clipped garbage
+    assert to_rgb(sixteen).info["source_mode"].startswith("I")
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    # EXIF orientation 6 (rotate 90): a 4x2 image comes out 2x4
+    wide = Image.new("RGB", (4, 2))
+    exif = wide.getexif()
+    exif[0x0112] = 6
+    import io
+
+    buf = io.BytesIO()
+    wide.save(buf, "JPEG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buf.getvalue()))).size == (2, 4)
