@@ -81,3 +81,39 @@ def test_no_cache_when_the_qformer_trains(football, tmp_path, capsys):
     )
     train(cfg)
     assert "image feature cache: off (the Q-Former or projection trains" in capsys.readouterr().out
+
+
+def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):
+    import vlmtune.cache as cache
+
+    def run(name):
+        cfg = TrainConfig(
+            model="tiny",
+            data=football,
+            output=str(tmp_path / name),
+            max_steps=4,
+            batch_size=4,
+            lr=1e-2,
+            lora_dropout=0.0,
+            sample_every=0,
+            num_samples=0,
+        )
+        return train(cfg)
+
+    memory = run("memory")
+    monkeypatch.setattr(cache, "HOST_LIMIT", 0)  # as if the features were too big for RAM
+    disk = run("disk")
+    assert (disk / "feature_cache.npy").exists() and not (memory / "feature_cache.npy").exists()
+    a = load_file(str(memory / "adapter_model.safetensors"))
+    b = load_file(str(disk / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_disk_features_round_trip_bf16(tmp_path):
+    from vlmtune.cache import DiskFeatures
+
+    rows = torch.randn(5, 3, 4).to(torch.bfloat16)
+    store = DiskFeatures(tmp_path / "f.npy", (5, 3, 4), torch.bfloat16)
+    store.write(0, rows[:2])
+    store.write(2, rows[2:])
+    assert torch.equal(store[torch.tensor([4, 0])], rows[[4, 0]])

@@ -168,13 +168,15 @@ def test_each_bad_record_kind_is_named(tmp_path):
 
 
 def test_pixel_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(datacheck, "MAX_PIXELS", 1000)  # a decompression bomb, scaled down
+    import vlmtune.data
+
+    monkeypatch.setattr(vlmtune.data, "MAX_PIXELS", 1000)  # a decompression bomb, scaled down
     from datasets import Dataset
 
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     ds = Dataset.from_dict({"image": [str(tmp_path / "big.png")], "text": ["x"]})
     (bad,) = datacheck.find_bad_records(ds, "image", "text", progress=False)
-    assert "cannot be read" in bad.why and "decompression bomb" in bad.why.lower()
+    assert "100x100 pixels, over the limit of 1,000 (a decompression bomb?)" in bad.why
 
 
 def test_training_refuses_with_every_bad_record_listed(tmp_path, capsys):
@@ -228,3 +230,32 @@ def test_image_modes():
     buf = io.BytesIO()
     wide.save(buf, "JPEG", exif=exif)
     assert to_rgb(Image.open(io.BytesIO(buf.getvalue()))).size == (2, 4)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_many_records(tmp_path):
+    """Checking and iterating 2,000 records holds no more in memory than 200 do (images are read lazily)."""
+    import tracemalloc
+
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
+    def dataset(n):
+        rows = list(examples("shapes", n, seed=n))
+        path = tmp_path / f"d{n}"
+        Dataset.from_dict({"image": [r.image for r in rows], "text": [r.text for r in rows]}).save_to_disk(
+            str(path)
+        )
+        return load_splits(str(path))[0]
+
+    def peak(ds):
+        tracemalloc.start()
+        assert datacheck.find_bad_records(ds, "image", "text", progress=False) == []
+        seen = sum(DataLoader(CaptionExamples(ds), batch_size=16, collate_fn=len))
+        assert seen == len(ds)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(dataset(200)), peak(dataset(2000))
+    assert large < 2 * small + 2**20, (small, large)  # 10x the records, not 10x the memory

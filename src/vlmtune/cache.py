@@ -7,16 +7,42 @@ language model receives in place of the image placeholders: (N, num_query_tokens
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .families import Family
 
-# Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch.
+# Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
+# HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
 ON_DEVICE_LIMIT = 2 * 2**30
+HOST_LIMIT = 8 * 2**30
+# numpy has no bfloat16: rows are stored as raw 16-bit words and viewed back as the torch dtype.
+_AS_STORED = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
+
+
+class DiskFeatures:
+    """Cached features in a memory-mapped .npy file: `store[index]` reads just the rows of one batch."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype):
+        self.dtype = dtype
+        stored = torch.empty(0, dtype=_AS_STORED[dtype]).numpy().dtype
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=stored, shape=shape)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        self.array[start : start + len(rows)] = rows.cpu().contiguous().view(_AS_STORED[self.dtype]).numpy()
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[index.cpu().numpy()])).view(self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.array)
 
 
 def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[bool, str]:
@@ -41,7 +67,8 @@ def build_feature_cache(
     accelerator: Any,
     batch_size: int,
     num_workers: int = 0,
-) -> torch.Tensor:
+    spill_dir: Path | None = None,
+) -> torch.Tensor | DiskFeatures:
     """Features for every example, in order: (N, num_query_tokens, d_lm).
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.
@@ -50,14 +77,26 @@ def build_feature_cache(
     was_training = model.training
     model.eval()
     parts: list[torch.Tensor] = []
+    disk: DiskFeatures | None = None
+    done = 0
     bar = tqdm(
         loader, desc="caching image features", unit="batch", disable=not accelerator.is_local_main_process
     )
     for batch in bar:
         pixels = batch["pixel_values"].to(accelerator.device, dtype)
         with accelerator.autocast():
-            parts.append(family.image_features(model, pixels).to(dtype))
+            rows = family.image_features(model, pixels).to(dtype)
+        total = rows[0].numel() * rows.element_size() * len(examples)
+        if done == 0 and spill_dir is not None and total > HOST_LIMIT:
+            disk = DiskFeatures(spill_dir / "feature_cache.npy", (len(examples), *rows.shape[1:]), dtype)
+        if disk is not None:
+            disk.write(done, rows)
+        else:
+            parts.append(rows)
+        done += len(rows)
     model.train(was_training)
+    if disk is not None:
+        return disk
     features = torch.cat(parts)
     if features.numel() * features.element_size() > ON_DEVICE_LIMIT:
         return features.cpu().pin_memory() if features.is_cuda else features.cpu()

@@ -42,9 +42,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return out
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+MAX_PIXELS = 100_000_000  # a decompression-bomb guard: 10k x 10k is plenty for any captioning model
+
+
+def open_image(path: str | os.PathLike | io.BytesIO) -> Image.Image:
     try:
         with Image.open(path) as im:
+            # The header alone gives the size: refuse a decompression bomb before decoding a byte of it.
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(
+                    f"image {path} has {im.width}x{im.height} pixels, over the limit of {MAX_PIXELS:,} "
+                    "(a decompression bomb?); shrink it"
+                )
             im.load()
             return to_rgb(im)
     except FileNotFoundError:

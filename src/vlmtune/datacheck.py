@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,8 +17,6 @@ from tqdm.auto import tqdm
 
 from .config import DataCheckConfig
 from .data import DataError, as_image, load_any, targets_of
-
-MAX_PIXELS = 100_000_000  # a decompression-bomb guard: 10k x 10k is plenty for any captioning model
 
 
 @dataclass
@@ -41,6 +40,15 @@ def _raw_images(dataset: Any, column: str) -> Any:
     return dataset
 
 
+def _column(dataset: Any, column: str, chunk: int = 256) -> Iterator[Any]:
+    """One column's values, a chunk at a time: memory stays flat however many records there are."""
+    if not hasattr(dataset, "column_names"):
+        yield from (row[column] for row in dataset)
+        return
+    for batch in dataset.select_columns([column]).iter(batch_size=chunk):
+        yield from batch[column]
+
+
 def _file_of(value: Any) -> str | None:
     if isinstance(value, str):
         return value
@@ -53,27 +61,21 @@ def find_bad_records(
     dataset: Any, image_column: str, text_column: str, *, progress: bool = True, sizes: list | None = None
 ) -> list[BadRecord]:
     """Every bad record of `dataset`, decoding each image as training would. `sizes` collects (w, h, mode)."""
-    from PIL import Image
-
     bad: list[BadRecord] = []
-    raw = _raw_images(dataset, image_column)
-    images = raw[image_column] if hasattr(raw, "column_names") else [r[image_column] for r in raw]
-    texts = dataset[text_column] if hasattr(dataset, "column_names") else [r[text_column] for r in dataset]
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-    try:
-        for i, value in enumerate(tqdm(images, desc="checking records", unit="record", disable=not progress)):
-            try:
-                image = as_image(value, f"row {i}")
-                if sizes is not None:
-                    sizes.append((image.width, image.height, image.info.get("source_mode", image.mode)))
-            except DataError as e:
-                why = str(e)
-                file = _file_of(value)
-                if file and why.startswith(f"image {file} "):
-                    why = why[len(f"image {file} ") :]
-                bad.append(BadRecord(i, image_column, why, file))
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    bar = tqdm(total=len(dataset), desc="checking records", unit="record", disable=not progress)
+    for i, value in enumerate(_column(_raw_images(dataset, image_column), image_column)):
+        bar.update(1)
+        try:
+            image = as_image(value, f"row {i}")
+            if sizes is not None:
+                sizes.append((image.width, image.height, image.info.get("source_mode", image.mode)))
+        except DataError as e:
+            why, file = str(e), _file_of(value)
+            if file and why.startswith(f"image {file} "):
+                why = why[len(f"image {file} ") :]
+            bad.append(BadRecord(i, image_column, why, file))
+    bar.close()
+    texts = _column(dataset, text_column)
     for i, value in enumerate(texts):
         for t in targets_of(value):
             if not isinstance(t, str) or not t.strip():

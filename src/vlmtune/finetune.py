@@ -119,6 +119,7 @@ def train(cfg: TrainConfig) -> Path:
             accelerator=accelerator,
             batch_size=4 * cfg.batch_size,
             num_workers=cfg.num_workers,
+            spill_dir=run,
         )
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images()
@@ -301,7 +302,14 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
         return
     # An earlier run's logs and checkpoints (reachable only with --overwrite) would mix with this one's. Its
     # adapter stays until this run saves a new one.
-    for stale in (METRICS_FILE, SAMPLES_FILE, "tensorboard", CHECKPOINTS, "skipped.jsonl"):
+    for stale in (
+        METRICS_FILE,
+        SAMPLES_FILE,
+        "tensorboard",
+        CHECKPOINTS,
+        "skipped.jsonl",
+        "feature_cache.npy",
+    ):
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
