@@ -89,3 +89,24 @@ def test_compare_base_needs_a_run(football, tmp_path, capsys):
         == 2
     )
     assert "--compare base needs --run" in capsys.readouterr().err
+
+
+def test_vqa_evaluation(tmp_path, capsys):
+    """Questions about drawn shapes, which the tiny base was pretrained to answer: VQA accuracy + exact match."""
+    from vlmtune.synthetic import examples
+
+    (tmp_path / "pics").mkdir()
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        for i, r in enumerate(examples("shapes", 12, seed=55)):
+            r.image.save(tmp_path / "pics" / f"{i}.png")
+            q, a = r.qa[0]  # "how many shapes are there?"
+            f.write(json.dumps({"image": f"pics/{i}.png", "question": q, "answers": [a] * 9 + ["many"]}) + "\n")
+    out = tmp_path / "e"
+    assert main(["evaluate", "--model", "tiny", "--data", str(tmp_path / "vqa.jsonl"), "--question-column",
+                 "question", "--text-column", "answers", "--output", str(out)]) == 0
+    scores = json.loads((out / "metrics.json").read_text())["metrics"]["base"]
+    assert set(scores) == {"VQA accuracy", "exact match"}
+    assert scores["VQA accuracy"] > 0.8, scores  # the base answers these (pretrained on them)
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert rows[0]["question"] == "how many shapes are there?"
+    assert "how many shapes are there?" in (out / "report.html").read_text()

@@ -259,3 +259,11 @@ def test_memory_stays_flat_over_many_records(tmp_path):
 
     small, large = peak(dataset(200)), peak(dataset(2000))
     assert large < 2 * small + 2**20, (small, large)  # 10x the records, not 10x the memory
+
+
+def test_evaluate_keeps_every_coco_reference(tmp_path):
+    source = write_format("coco", tmp_path / "coco")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "tiny", "--data", str(source), "--output", str(out)]) == 0
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert [r["references"] for r in rows] == CAPTIONS  # both captions of every image

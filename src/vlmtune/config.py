@@ -160,6 +160,9 @@ class EvaluateConfig:
     split: str | None = opt(None, "split to evaluate (default: validation, else test, else train)")
     image_column: str = opt("image", "column holding the image")
     text_column: str = opt("text", "column holding the reference caption (a string or a list of strings)")
+    question_column: str | None = opt(
+        None, "VQA: column with the question; --text-column then holds the answer(s); scores VQA accuracy"
+    )
     compare: list[str] = opt(
         [], "more models in the same table: 'base' (the run's base), run dirs, model ids"
     )
@@ -253,6 +256,14 @@ def validate_train(cfg: TrainConfig) -> None:
                 p.append(f"--quantize {cfg.quantize} needs bitsandbytes: pip install 'vlmtune[quant]'")
     import torch
 
+    from .modeling import ModelLoadError, load_config
+
+    try:
+        load_config(
+            cfg.model
+        )  # the config alone: an unknown model or an unreachable hub id, before any weights
+    except (ModelLoadError, ValueError) as e:
+        p.append(f"--model: {e}")
     if cfg.dtype == "float16" and not torch.cuda.is_available():
         p.append("--dtype float16 needs a CUDA GPU; on the CPU use float32 (or bfloat16)")
     if cfg.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

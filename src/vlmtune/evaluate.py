@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvaluateConfig
-from .data import DataError, load_any, to_rgb
+from .data import DataError, as_image, load_any
 from .infer import Captioner
-from .metrics import caption_scores
+from .metrics import caption_scores, vqa_scores
 from .report import loss_svg, write_report
 from .rundir import METRICS_FILE, atomic_write_text, read_run, versions
 
@@ -33,7 +33,8 @@ def _split(cfg: EvaluateConfig) -> tuple[str, Any]:
     if name not in loaded:
         raise DataError(f"dataset {cfg.data} has no split {name!r}; its splits: {', '.join(loaded)}")
     ds = loaded[name]
-    missing = [c for c in (cfg.image_column, cfg.text_column) if c not in ds.column_names]
+    wanted = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
+    missing = [c for c in wanted if c not in ds.column_names]
     if missing:
         raise DataError(
             f"dataset {cfg.data} (split {name!r}) has no column {', '.join(map(repr, missing))}; "
@@ -76,21 +77,29 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.output or (Path(cfg.run) / "eval" if cfg.run else "eval"))
     (out / "images").mkdir(parents=True, exist_ok=True)
 
-    images = [to_rgb(im) for im in ds[cfg.image_column]]
+    images = [
+        as_image(v, f"row {i}, column {cfg.image_column!r}") for i, v in enumerate(ds[cfg.image_column])
+    ]
     references = {str(i): _references(v, i) for i, v in enumerate(ds[cfg.text_column])}
+    questions = [str(q) for q in ds[cfg.question_column]] if cfg.question_column else None
     captions: dict[str, list[str]] = {}
     table: dict[str, dict[str, float]] = {}
     info: dict[str, Any] = {}
+    gen = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}
     for label, source in models:
         captioner = Captioner.load(dtype=cfg.dtype, **source)
-        print(f"captioning {len(images)} images of split {split!r} with {label} ...", flush=True)
-        got = captioner.caption(
-            images, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams
-        )
+        task = "answering" if questions else "captioning"
+        print(f"{task} {len(images)} images of split {split!r} with {label} ...", flush=True)
+        if questions:
+            got = captioner.answer(images, questions, batch_size=cfg.batch_size, **gen)
+            table[label] = vqa_scores(got, [references[str(i)] for i in range(len(got))])
+            info = {"tokenizer": "none: answers normalised as the official VQA evaluation does", "notes": []}
+        else:
+            got = captioner.caption(images, batch_size=cfg.batch_size, **gen)
+            result = caption_scores({str(i): c for i, c in enumerate(got)}, references)
+            table[label] = result["scores"]
+            info = {k: result[k] for k in ("tokenizer", "notes")}
         captions[label] = got
-        result = caption_scores({str(i): c for i, c in enumerate(got)}, references)
-        table[label] = result["scores"]
-        info = {k: result[k] for k in ("tokenizer", "notes")}
         del captioner
 
     rows = []
@@ -98,14 +107,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         thumb = image.copy()
         thumb.thumbnail((THUMBNAIL, THUMBNAIL))
         thumb.save(out / "images" / f"{i:05d}.png")
-        rows.append(
-            {
-                "id": i,
-                "image": f"images/{i:05d}.png",
-                "references": references[str(i)],
-                "captions": {label: captions[label][i] for label in captions},
-            }
-        )
+        row = {
+            "id": i,
+            "image": f"images/{i:05d}.png",
+            "references": references[str(i)],
+            "captions": {label: captions[label][i] for label in captions},
+        }
+        if questions:
+            row["question"] = questions[i]
+        rows.append(row)
     svg = loss_svg(Path(cfg.run) / METRICS_FILE) if cfg.run else None
     if svg:
         (out / "loss.svg").write_text(svg)
@@ -116,7 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "images": len(images),
         "metrics": table,
         **info,
-        "metric_implementation": "pycocoevalcap 1.2 (COCO caption evaluation)",
+        "metric_implementation": f"pycocoevalcap {_version('pycocoevalcap')} (COCO caption evaluation)",
         "versions": versions(),
     }
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -127,6 +137,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _print_table(table)
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} and {out / 'report.html'}")
     return summary
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _print_table(table: dict[str, dict[str, float]]) -> None:

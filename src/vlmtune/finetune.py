@@ -28,7 +28,7 @@ from .checkpoint import (
     truncate_logs,
 )
 from .config import TrainConfig, validate_against_model, validate_train
-from .data import CaptionExamples, Collator, DataError, Prompting, held_out_rows, load_splits
+from .data import CaptionExamples, Collator, DataError, Prompting, detect, held_out_rows, load_splits
 from .datacheck import bad_as_dicts, bad_report, find_bad_records
 from .families import IGNORE_INDEX, Family
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
@@ -67,6 +67,8 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)
     # Data first: a wrong path or column fails in seconds, not after minutes of loading weights.
     columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
+    if PartialState().is_main_process:
+        print(f"data: {cfg.data} ({detect(cfg.data)[0]})")
     train_set, val_set = load_splits(
         cfg.data, cfg.split, cfg.val_split, cfg.val_fraction, columns, cfg.seed, cfg.image_root
     )

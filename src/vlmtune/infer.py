@@ -76,6 +76,16 @@ class Captioner:
             )
         return out
 
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str], *, batch_size: int = 8, **kwargs: Any
+    ) -> list[str]:
+        """Answers to one question per image, `batch_size` at a time, in the family's question format."""
+        prompts = [self.family.format_question(q) for q in questions]
+        out: list[str] = []
+        for i in range(0, len(images), batch_size):
+            out += self.generate(images[i : i + batch_size], prompts[i : i + batch_size], **kwargs)
+        return out
+
     def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
         prompt = (
             template.format(question=question.strip()) if template else self.family.format_question(question)

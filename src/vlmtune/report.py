@@ -85,6 +85,8 @@ def write_report(
     for row in rows:
         refs = "".join(f"<li>{e(r)}</li>" for r in row["references"])
         caps = "".join(f"<p><b>{e(m)}:</b> {e(row['captions'][m])}</p>" for m in models)
+        if "question" in row:
+            caps = f"<p><b>question:</b> {e(row['question'])}</p>" + caps
         cards.append(
             f'<div class="card"><img src="{e(row["image"])}" alt=""><p><b>reference:</b></p>'
             f"<ul>{refs}</ul>{caps}</div>"
