@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,60 +23,11 @@ import torch
 
 
 def build_random_blip2(path: Path) -> None:
-    from transformers import (
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        Blip2Config,
-        Blip2Processor,
-        BlipImageProcessorPil,
-    )
+    # One definition of the real shape, shared with the benchmark (bench/bench.py).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench import build_model
 
-    from vlmtune.modeling import TINY_PATH
-
-    tiny = AutoProcessor.from_pretrained(TINY_PATH)
-    tok = tiny.tokenizer
-    config = Blip2Config(
-        vision_config=dict(
-            hidden_size=1408,
-            intermediate_size=6144,
-            num_hidden_layers=39,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-            qkv_bias=True,
-        ),
-        qformer_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            cross_attention_frequency=2,
-            encoder_hidden_size=1408,
-            vocab_size=30522,
-        ),
-        text_config=dict(
-            model_type="opt",
-            hidden_size=2560,
-            ffn_dim=10240,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            vocab_size=50304,
-            word_embed_proj_dim=2560,
-            bos_token_id=2,
-            pad_token_id=1,
-            eos_token_id=tok.convert_tokens_to_ids("Ċ"),
-        ),
-        num_query_tokens=32,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    processor = Blip2Processor(
-        BlipImageProcessorPil(size={"height": 224, "width": 224}), tok, num_query_tokens=32
-    )
-    processor.save_pretrained(path)
+    build_model("real", path)
 
 
 def in_memory_splits(n_train: int = 64, n_val: int = 16):
