@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,23 +174,10 @@ def load_splits(
     image_root: str | None = None,
 ) -> tuple[Any, Any | None]:
     """(train, validation or None) as `datasets.Dataset`s, with `columns` checked to exist."""
-    import datasets
-
-    loaded = load_any(source, image_root)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+    loaded = load_dict(source, image_root)
 
     def pick(name: str) -> Any:
-        if name not in loaded:
-            raise DataError(f"dataset {source} has no split {name!r}; its splits: {', '.join(loaded)}")
-        ds = loaded[name]
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise DataError(
-                f"dataset {source} (split {name!r}) has no column {', '.join(map(repr, missing))}; its columns: "
-                f"{', '.join(ds.column_names)}. Name the right ones with --image-column / --text-column."
-            )
-        return ds
+        return pick_split(loaded, source, name, columns)
 
     train = pick(split)
     if val_split:
@@ -201,6 +189,28 @@ def load_splits(
     return train, None
 
 
+def load_dict(source: str, image_root: str | None = None) -> Any:
+    """`load_any` as a DatasetDict (a single dataset becomes its "train" split)."""
+    import datasets
+
+    loaded = load_any(source, image_root)
+    return datasets.DatasetDict({"train": loaded}) if isinstance(loaded, datasets.Dataset) else loaded
+
+
+def pick_split(loaded: Any, source: str, name: str, columns: tuple[str, ...]) -> Any:
+    """Split `name` of `loaded`, with `columns` checked to exist; the error lists what does exist."""
+    if name not in loaded:
+        raise DataError(f"dataset {source} has no split {name!r}; its splits: {', '.join(loaded)}")
+    ds = loaded[name]
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"dataset {source} (split {name!r}) has no column {', '.join(map(repr, missing))}; its columns: "
+            f"{', '.join(ds.column_names)}. Name the right ones with --image-column / --text-column."
+        )
+    return ds
+
+
 def held_out_rows(n: int, fraction: float, seed: int) -> list[int]:
     """The validation rows of a --val-fraction split: a function of (n, fraction, seed) alone, so a resumed or
     repeated run holds out the same ones (they are also written to RUN_DIR/split.json)."""
@@ -209,11 +219,19 @@ def held_out_rows(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(order[:count])
 
 
+def iter_column(dataset: Any, column: str, chunk: int = 256) -> Iterator[Any]:
+    """One column's values, a chunk at a time, without decoding the others: memory stays flat however many
+    records there are (a `datasets.Dataset` or a list of dicts)."""
+    if not hasattr(dataset, "column_names"):
+        yield from (row[column] for row in dataset)
+        return
+    for batch in dataset.select_columns([column]).iter(batch_size=chunk):
+        yield from batch[column]
+
+
 def column_values(dataset: Any, column: str) -> list[Any]:
-    """One column as a list, without decoding the others (a `datasets.Dataset` or a list of dicts)."""
-    if hasattr(dataset, "column_names"):
-        return list(dataset.select_columns([column])[column])
-    return [row[column] for row in dataset]
+    """One column as a list, without decoding the others."""
+    return list(iter_column(dataset, column))
 
 
 def as_image(value: Any, where: str) -> Image.Image:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from .config import DataCheckConfig
-from .data import DataError, as_image, load_any, targets_of
+from .data import DataError, as_image, iter_column, load_dict, pick_split, targets_of
 
 
 @dataclass
@@ -40,15 +39,6 @@ def _raw_images(dataset: Any, column: str) -> Any:
     return dataset
 
 
-def _column(dataset: Any, column: str, chunk: int = 256) -> Iterator[Any]:
-    """One column's values, a chunk at a time: memory stays flat however many records there are."""
-    if not hasattr(dataset, "column_names"):
-        yield from (row[column] for row in dataset)
-        return
-    for batch in dataset.select_columns([column]).iter(batch_size=chunk):
-        yield from batch[column]
-
-
 def _file_of(value: Any) -> str | None:
     if isinstance(value, str):
         return value
@@ -63,7 +53,7 @@ def find_bad_records(
     """Every bad record of `dataset`, decoding each image as training would. `sizes` collects (w, h, mode)."""
     bad: list[BadRecord] = []
     bar = tqdm(total=len(dataset), desc="checking records", unit="record", disable=not progress)
-    for i, value in enumerate(_column(_raw_images(dataset, image_column), image_column)):
+    for i, value in enumerate(iter_column(_raw_images(dataset, image_column), image_column)):
         bar.update(1)
         try:
             image = as_image(value, f"row {i}")
@@ -75,7 +65,7 @@ def find_bad_records(
                 why = why[len(f"image {file} ") :]
             bad.append(BadRecord(i, image_column, why, file))
     bar.close()
-    texts = _column(dataset, text_column)
+    texts = iter_column(dataset, text_column)
     for i, value in enumerate(texts):
         for t in targets_of(value):
             if not isinstance(t, str) or not t.strip():
@@ -112,28 +102,16 @@ def _stats(values: list[float]) -> str:
 
 def check(cfg: DataCheckConfig) -> dict[str, Any]:
     """`vlmtune data check`: load every record as training would; print a summary and every bad record."""
-    import datasets
-
     from .data import detect
     from .modeling import load_processor, resolve_model
 
     kind, _ = detect(cfg.data)
-    loaded = load_any(cfg.data, cfg.image_root)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+    loaded = load_dict(cfg.data, cfg.image_root)
     tokenizer = load_processor(resolve_model(cfg.model)).tokenizer
     print(f"{cfg.data}: detected {kind}; splits: {', '.join(f'{k} ({len(v)})' for k, v in loaded.items())}")
     summary: dict[str, Any] = {"format": kind, "splits": {}}
     for name in [cfg.split] if cfg.split else list(loaded):
-        if name not in loaded:
-            raise DataError(f"dataset {cfg.data} has no split {name!r}; its splits: {', '.join(loaded)}")
-        ds = loaded[name]
-        missing = [c for c in (cfg.image_column, cfg.text_column) if c not in ds.column_names]
-        if missing:
-            raise DataError(
-                f"split {name!r} has no column {', '.join(map(repr, missing))}; its columns: "
-                f"{', '.join(ds.column_names)}"
-            )
+        ds = pick_split(loaded, cfg.data, name, (cfg.image_column, cfg.text_column))
         sizes: list = []
         bad = find_bad_records(ds, cfg.image_column, cfg.text_column, sizes=sizes)
         captions = [t for v in ds[cfg.text_column] for t in targets_of(v) if isinstance(t, str) and t.strip()]

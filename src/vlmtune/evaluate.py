@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvaluateConfig
-from .data import DataError, as_image, load_any
+from .data import DataError, as_image, load_dict, pick_split
 from .infer import Captioner
 from .metrics import caption_scores, vqa_scores
 from .report import loss_svg, write_report
@@ -24,22 +24,10 @@ THUMBNAIL = 256  # pixels, longest side, for the gallery
 
 
 def _split(cfg: EvaluateConfig) -> tuple[str, Any]:
-    import datasets
-
-    loaded = load_any(cfg.data)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+    loaded = load_dict(cfg.data)
     name = cfg.split or next((s for s in ("validation", "test") if s in loaded), next(iter(loaded)))
-    if name not in loaded:
-        raise DataError(f"dataset {cfg.data} has no split {name!r}; its splits: {', '.join(loaded)}")
-    ds = loaded[name]
     wanted = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
-    missing = [c for c in wanted if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"dataset {cfg.data} (split {name!r}) has no column {', '.join(map(repr, missing))}; "
-            f"its columns: {', '.join(ds.column_names)}"
-        )
+    ds = pick_split(loaded, cfg.data, name, wanted)
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     return name, ds
