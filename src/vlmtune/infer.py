@@ -45,46 +45,39 @@ class Captioner:
     def from_model(cls, model: str, dtype: str = "auto") -> Captioner:
         return cls.load(model=model, dtype=dtype)
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], **kwargs: Any) -> list[str]:
-        batch = self.family.encode(self.processor, images, prompts, None, max_length=512, padding_side="left")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        kwargs.setdefault("max_new_tokens", 40)
-        return self.family.generate(self.model, self.processor, batch, **kwargs)
-
-    def caption(
-        self,
-        images: Sequence[Image.Image],
-        prompt: str | None = None,
-        *,
-        batch_size: int = 8,
-        max_new_tokens: int = 40,
-        num_beams: int = 1,
-        **generate_kwargs: Any,
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], *, batch_size: int = 8, **kwargs: Any
     ) -> list[str]:
-        """Captions for `images`, `batch_size` at a time; extra keyword arguments go to `generate`."""
-        prompt = self.prompt if prompt is None else prompt
+        """One continuation per (image, prompt), `batch_size` at a time; keyword arguments go to `generate`."""
+        kwargs.setdefault("max_new_tokens", 40)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
-            out += self.generate(
-                chunk,
-                [prompt] * len(chunk),
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                **generate_kwargs,
+            batch = self.family.encode(
+                self.processor,
+                images[i : i + batch_size],
+                prompts[i : i + batch_size],
+                None,
+                max_length=512,
+                padding_side="left",
             )
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+            out += self.family.generate(self.model, self.processor, batch, **kwargs)
         return out
+
+    def caption(
+        self, images: Sequence[Image.Image], prompt: str | None = None, *, batch_size: int = 8, **kwargs: Any
+    ) -> list[str]:
+        """Captions for `images` (continuing the run's training prompt unless `prompt` is given)."""
+        prompt = self.prompt if prompt is None else prompt
+        return self.generate(images, [prompt] * len(images), batch_size=batch_size, **kwargs)
 
     def answer(
         self, images: Sequence[Image.Image], questions: Sequence[str], *, batch_size: int = 8, **kwargs: Any
     ) -> list[str]:
-        """Answers to one question per image, `batch_size` at a time, in the family's question format."""
+        """Answers to one question per image, in the family's question format."""
         prompts = [self.family.format_question(q) for q in questions]
-        out: list[str] = []
-        for i in range(0, len(images), batch_size):
-            out += self.generate(images[i : i + batch_size], prompts[i : i + batch_size], **kwargs)
-        return out
+        return self.generate(images, prompts, batch_size=batch_size, **kwargs)
 
     def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
         prompt = (
