@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On these machines `torch==2.13.0` is a CPU build on local disk; elsewhere pip fetches it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint format tiny-base bench clean
+.PHONY: demo test test-fast lint format tiny-base bench bench-serve chromium clean
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,15 +17,20 @@ $(BIN)/vlmtune: pyproject.toml
 demo: $(BIN)/vlmtune
 	$(BIN)/vlmtune demo
 
+# The page test drives headless Chromium: Debian's package, as Playwright cannot download browsers here.
 test: $(BIN)/vlmtune
-	$(BIN)/python -m pytest -q
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) chromium
+	VLMTUNE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+
+chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test-fast: $(BIN)/vlmtune
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/vlmtune
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts bench
+	$(BIN)/ruff format --check src tests scripts bench
 
 format: $(BIN)/vlmtune
 	$(BIN)/ruff format src tests scripts
@@ -36,8 +41,12 @@ tiny-base: $(BIN)/vlmtune
 	$(BIN)/python scripts/make_tiny_base.py --minutes 14 --images 20000
 
 clean:
-	rm -rf runs data .pytest_cache
+	rm -rf runs data .pytest_cache test-artifacts
 
 # vlmtune against the seed recipe on a CPU proxy of BLIP-2 (a minute or two on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune
 	$(BIN)/python bench/bench.py
+
+# `vlmtune serve` under load on loopback: concurrent clients against one-at-a-time requests.
+bench-serve: $(BIN)/vlmtune
+	$(BIN)/python bench/serve_load.py

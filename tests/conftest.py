@@ -40,3 +40,17 @@ def demo_run(tmp_path_factory, football) -> str:
     out = tmp_path_factory.mktemp("runs") / "demo"
     values = load_yaml(DEMO_PRESET, TrainConfig) | {"data": football, "output": str(out), "sample_every": 0}
     return str(train(TrainConfig(**values)))
+
+
+@pytest.fixture(scope="session")
+def test_images(football, tmp_path_factory) -> list:
+    """Six held-out football drawings as PNG files."""
+    from datasets import load_from_disk
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, row in enumerate(load_from_disk(football)["test"].select(range(6))):
+        p = folder / f"test_{i:02d}.png"
+        row["image"].save(p)
+        paths.append(p)
+    return paths

@@ -100,10 +100,28 @@ def test_vqa_evaluation(tmp_path, capsys):
         for i, r in enumerate(examples("shapes", 12, seed=55)):
             r.image.save(tmp_path / "pics" / f"{i}.png")
             q, a = r.qa[0]  # "how many shapes are there?"
-            f.write(json.dumps({"image": f"pics/{i}.png", "question": q, "answers": [a] * 9 + ["many"]}) + "\n")
+            f.write(
+                json.dumps({"image": f"pics/{i}.png", "question": q, "answers": [a] * 9 + ["many"]}) + "\n"
+            )
     out = tmp_path / "e"
-    assert main(["evaluate", "--model", "tiny", "--data", str(tmp_path / "vqa.jsonl"), "--question-column",
-                 "question", "--text-column", "answers", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "tiny",
+                "--data",
+                str(tmp_path / "vqa.jsonl"),
+                "--question-column",
+                "question",
+                "--text-column",
+                "answers",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((out / "metrics.json").read_text())["metrics"]["base"]
     assert set(scores) == {"VQA accuracy", "exact match"}
     assert scores["VQA accuracy"] > 0.8, scores  # the base answers these (pretrained on them)

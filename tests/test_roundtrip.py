@@ -5,24 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from datasets import load_from_disk
 
 from vlmtune.cli import main
 from vlmtune.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def test_images(football, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    test = load_from_disk(football)["test"]
-    paths = []
-    for i, row in enumerate(test.select(range(6))):
-        p = folder / f"test_{i:02d}.png"
-        row["image"].save(p)
-        paths.append(p)
-    return paths
 
 
 def test_run_directory_describes_itself(demo_run):

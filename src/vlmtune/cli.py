@@ -22,6 +22,7 @@ from .config import (
     DemoConfig,
     EvaluateConfig,
     MergeConfig,
+    ServeConfig,
     TrainConfig,
     load_yaml,
 )
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "merge": (MergeConfig, "vlmtune.export:merge"),
     "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
     "data": (DataCheckConfig, "vlmtune.datacheck:check"),
+    "serve": (ServeConfig, "vlmtune.serve:serve"),
     "demo": (DemoConfig, "vlmtune.demo:demo"),
 }
 USAGE_ERRORS = (ConfigError, ValueError, FileExistsError, NotImplementedError, ImportError)
@@ -63,6 +65,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
         kw["choices"] = typing.get_args(tp)
     elif typing.get_origin(tp) is list:
         kw["nargs"] = "+"
+        kw["action"] = "extend"  # `--run a --run b` and `--run a b` both give [a, b]
     else:
         kw["type"] = tp
     parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)

@@ -201,6 +201,32 @@ class DemoConfig:
     preset: str = opt("configs/tiny/demo.yaml", "training preset")
 
 
+@dataclass
+class ServeConfig:
+    """Serve captions and answers over HTTP: an OpenAI-style API, multipart endpoints and a web page."""
+
+    run: list[str] = opt(
+        [], "run directories to serve, as NAME=RUN_DIR or RUN_DIR (named after its folder); all on one base"
+    )
+    model: str | None = opt(
+        None, "base model (hub id, local directory or 'tiny'); with --run, must be theirs"
+    )
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "port to bind")
+    api_key: str | None = opt(
+        None, "require this key (Authorization: Bearer KEY) on every route but /health; or $VLMTUNE_API_KEY"
+    )
+    dtype: Dtype = opt("auto", "weights dtype")
+    max_batch: int = opt(16, "most requests generated together in one batch")
+    batch_wait_ms: float = opt(5.0, "how long the first request of a batch waits for others to join it")
+    max_upload_mb: float = opt(20.0, "largest request body in MiB; larger ones get 413")
+    max_pixels: int = opt(40_000_000, "largest image in pixels (width x height) accepted; larger gets 413")
+    max_tokens: int = opt(256, "largest max_tokens a request may ask for")
+    default_max_tokens: int = opt(40, "max_tokens when a request gives none")
+    max_n: int = opt(8, "largest n (completions per request)")
+    timeout: float = opt(60.0, "seconds a request may wait and run before it gets 504")
+
+
 def fields_of(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -220,6 +246,26 @@ def load_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
     if unknown:
         raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown])
     return values
+
+
+def validate_serve(cfg: ServeConfig) -> None:
+    p: list[str] = []
+    if not cfg.run and not cfg.model:
+        p.append("give --run RUN_DIR (one or more, NAME=RUN_DIR to name them) or --model MODEL")
+    for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n", "max_pixels"):
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("max_upload_mb", "timeout"):
+        if getattr(cfg, name) <= 0:
+            p.append(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    if cfg.batch_wait_ms < 0:
+        p.append(f"--batch-wait-ms must be 0 or more (got {cfg.batch_wait_ms})")
+    if cfg.default_max_tokens > cfg.max_tokens:
+        p.append(f"--default-max-tokens {cfg.default_max_tokens} is over --max-tokens {cfg.max_tokens}")
+    if not 0 < cfg.port < 65536:
+        p.append(f"--port must be in 1..65535 (got {cfg.port})")
+    if p:
+        raise ConfigError(p)
 
 
 def validate_train(cfg: TrainConfig) -> None:

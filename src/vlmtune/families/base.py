@@ -20,6 +20,7 @@ class Family(ABC):
     """
 
     name: str
+    eos_token_id: int  # the token a target ends with, and generation stops on
     question_template: str = "Question: {question} Answer:"
 
     def __init__(self, config: Any):
@@ -80,10 +81,26 @@ class Family(ABC):
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     @abstractmethod
+    def generate_tokens(
+        self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
+    ) -> torch.Tensor:
+        """The new tokens for `batch` (B, T_new), prompt stripped; rows that stopped early end in padding.
+        Keyword arguments go to transformers' `generate` (streamer, stopping criteria, sampling...)."""
+
+    def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
+        """One row of `generate_tokens` as text: special tokens dropped, cut at the end-of-sequence token."""
+        ids = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def generate(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
     ) -> list[str]:
         """Decoded continuations of `batch` (prompt tokens stripped)."""
+        return [
+            self.decode(processor, row) for row in self.generate_tokens(model, processor, batch, **kwargs)
+        ]
 
     def format_question(self, question: str) -> str:
         return self.question_template.format(question=question.strip())

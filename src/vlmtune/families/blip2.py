@@ -160,15 +160,14 @@ class Blip2(Family):
         }
 
     @torch.no_grad()
-    def generate(
+    def generate_tokens(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
-    ) -> list[str]:
+    ) -> torch.Tensor:
         kwargs.setdefault("eos_token_id", self.eos_token_id)
         kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
         out = model.generate(**batch, **kwargs)
         # Decoder-only generation returns the prompt too: (B, T_prompt + T_new).
-        new = out[:, batch["input_ids"].shape[1] :]
-        return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return out[:, batch["input_ids"].shape[1] :]
 
 
 def _target_text(prompt: str, target: str) -> str:
