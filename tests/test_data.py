@@ -109,3 +109,48 @@ def test_broken_local_dataset_is_not_called_unreachable(tmp_path):
     (tmp_path / "dataset_dict.json").write_text("{not json")
     with pytest.raises(DataError, match=f"cannot read dataset {tmp_path}"):
         load_splits(str(tmp_path))
+
+
+def test_epoch_sampler_one_example_per_image():
+    from vlmtune.data import EpochSampler
+
+    groups = [[0, 1, 2], [3], [4, 5]]  # image 0 has three captions, image 1 one, image 2 two
+    sampler = EpochSampler(6, seed=1, groups=groups)
+    seen = set()
+    for epoch in range(30):
+        sampler.position(epoch, 0)
+        order = list(sampler)
+        assert len(order) == len(sampler) == 3
+        assert sorted(next(g for g, grp in enumerate(groups) if k in grp) for k in order) == [0, 1, 2]
+        seen |= set(order)
+    assert seen == set(range(6))  # every caption gets its turn over the epochs
+    sampler.position(7, 0)
+    again = EpochSampler(6, seed=1, groups=groups)
+    again.position(7, 0)
+    assert list(sampler) == list(again)  # a function of (seed, epoch) alone: resumable
+    again.position(7, 1)
+    assert list(again) == list(sampler)[1:]
+
+
+def test_epoch_sampler_groups_by_length():
+    from vlmtune.data import EpochSampler
+
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    sampler = EpochSampler(1000, seed=3, lengths=lengths, batch_size=4)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))
+    span = EpochSampler.SPAN * 4
+    for k in range(0, 1000, span):
+        chunk = [lengths[i] for i in order[k : k + span]]
+        assert chunk == sorted(chunk, reverse=True)
+
+    def padding(o):  # padded positions over all batches of 4
+        return sum(
+            max(lengths[i] for i in o[b : b + 4]) * 4 - sum(lengths[i] for i in o[b : b + 4])
+            for b in range(0, 1000, 4)
+        )
+
+    plain = list(EpochSampler(1000, seed=3))
+    assert padding(order) < padding(plain) / 5
+    sampler.position(1, 0)
+    assert list(sampler) != order  # a new order each epoch

@@ -267,3 +267,31 @@ def test_evaluate_keeps_every_coco_reference(tmp_path):
     assert main(["evaluate", "--model", "tiny", "--data", str(source), "--output", str(out)]) == 0
     rows = read_jsonl(out / "predictions.jsonl")
     assert [r["references"] for r in rows] == CAPTIONS  # both captions of every image
+
+
+def test_one_caption_per_image_per_epoch(tmp_path):
+    """--captions-per-epoch one: an epoch is one step per image, and across epochs each caption gets its turn."""
+    from vlmtune.config import TrainConfig
+    from vlmtune.finetune import train
+    from vlmtune.rundir import read_jsonl
+
+    source = write_format("coco", tmp_path / "coco")
+    train_set, _ = load_splits(str(source))
+    n_images = len(train_set)
+    n_pairs = sum(len(t) for t in train_set["text"])
+    assert n_pairs > n_images  # several captions per image, or the option would change nothing
+    for mode, expected in (("all", n_pairs), ("one", n_images)):
+        run = train(
+            TrainConfig(
+                model="tiny",
+                data=str(source),
+                output=str(tmp_path / mode),
+                epochs=1,
+                batch_size=1,
+                sample_every=0,
+                num_samples=0,
+                captions_per_epoch=mode,
+            )
+        )
+        timing = [r for r in read_jsonl(run / "metrics.jsonl") if "train_samples" in r][-1]
+        assert timing["train_samples"] == expected, mode

@@ -30,7 +30,11 @@ def adapter(run):
     return load_file(str(run / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("options", [{}, {"gradient_checkpointing": True}], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gradient_checkpointing": True}, {"group_by_length": True}],
+    ids=["plain", "checkpointing", "grouped"],
+)
 def test_lora_b_moves_from_zero(football, tmp_path, options):
     run = train(short(football, tmp_path / "run", **options))
     weights = adapter(run)
@@ -116,3 +120,14 @@ def test_the_validation_split_is_written_to_the_run(football, tmp_path):
     doc = json.loads((run / "split.json").read_text())
     assert doc["val_rows_of_split"] == held_out_rows(240, 0.1, 5) and len(doc["val_rows_of_split"]) == 24
     assert doc["train_rows"] == 216
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_same_losses(football, tmp_path):
+    """--compile changes how the language model runs, not what it computes. (No dropout: compiled code draws
+    its random numbers differently.)"""
+    losses = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        run = train(short(football, tmp_path / name, compile=compiled, lora_dropout=0.0))
+        losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)

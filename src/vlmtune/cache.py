@@ -49,6 +49,8 @@ def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[bool, str]:
     """(use the cache?, why) for a training config: only when nothing before the language model trains."""
     if cfg.vision_cache == "off":
         return False, "--vision-cache off"
+    if getattr(cfg, "streaming", False):
+        return False, "--streaming: each image is decoded when the stream reaches it"
     if cfg.train_qformer or cfg.train_projection:
         return False, "the Q-Former or projection trains, so image features change every step"
     if not family.supports_feature_cache(model):

@@ -61,6 +61,18 @@ class TrainConfig:
         "VQA: column with the question; the prompt becomes 'Question: ... Answer:', the target --text-column",
     )
     skip_bad: bool = opt(False, "train on the good records and list the bad ones in RUN_DIR/skipped.jsonl")
+    captions_per_epoch: Literal["all", "one"] = opt(
+        "all", "images with several captions: train on every pair each epoch, or on one drawn per image"
+    )
+    streaming: bool = opt(
+        False,
+        "read the training split as a stream (nothing downloaded or loaded up front; needs --max-steps); "
+        "bad records are skipped when reached and listed in RUN_DIR/skipped.jsonl",
+    )
+    shuffle_buffer: int = opt(1000, "with --streaming: records shuffled together (1: stream order)")
+    group_by_length: bool = opt(
+        False, "batch captions of similar length together (less padding; the epoch order stays random)"
+    )
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(
         64, "most text tokens per example (prompt + caption + end); longer captions are cut"
@@ -83,6 +95,9 @@ class TrainConfig:
     warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up linearly")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the language model")
+    compile: bool = opt(
+        False, "torch.compile the language model (a minute or more of compiling first; pays off on long runs)"
+    )
     vision_cache: Literal["auto", "off"] = opt(
         "auto",
         "compute the frozen ViT + Q-Former output once per image and reuse it every epoch (auto: when frozen)",
@@ -280,6 +295,20 @@ def validate_train(cfg: TrainConfig) -> None:
         p.append(f"--lr must be positive (got {cfg.lr})")
     if not 0 <= cfg.lora_dropout < 1:
         p.append(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if cfg.streaming:
+        for bad, why in (
+            (cfg.max_steps is None, "--streaming needs --max-steps: a stream's length is unknown"),
+            (cfg.val_fraction, "--streaming cannot hold out a --val-fraction; give a --val-split"),
+            (
+                cfg.captions_per_epoch == "one",
+                "--captions-per-epoch one needs every image's captions: not with --streaming",
+            ),
+            (cfg.group_by_length, "--group-by-length needs every caption's length: not with --streaming"),
+        ):
+            if bad:
+                p.append(why)
+        if cfg.shuffle_buffer < 1:
+            p.append(f"--shuffle-buffer must be at least 1 (got {cfg.shuffle_buffer})")
     if not 0 <= cfg.val_fraction < 1:
         p.append(f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})")
     if not 0 <= cfg.warmup_ratio < 1:

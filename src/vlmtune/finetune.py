@@ -28,7 +28,16 @@ from .checkpoint import (
     truncate_logs,
 )
 from .config import TrainConfig, validate_against_model, validate_train
-from .data import CaptionExamples, Collator, DataError, Prompting, detect, held_out_rows, load_splits
+from .data import (
+    CaptionExamples,
+    Collator,
+    DataError,
+    EpochSampler,
+    Prompting,
+    detect,
+    held_out_rows,
+    load_splits,
+)
 from .datacheck import bad_as_dicts, bad_report, find_bad_records
 from .families import IGNORE_INDEX, Family
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
@@ -56,7 +65,7 @@ class TrainingStopped(RuntimeError):
 
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; returns the run directory."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -66,29 +75,7 @@ def train(cfg: TrainConfig) -> Path:
     _prepare_run_dir(run, resumed=resume_from is not None)
     set_seed(cfg.seed)
     # Data first: a wrong path or column fails in seconds, not after minutes of loading weights.
-    columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
-    if PartialState().is_main_process:
-        print(f"data: {cfg.data} ({detect(cfg.data)[0]})")
-    train_set, val_set = load_splits(
-        cfg.data, cfg.split, cfg.val_split, cfg.val_fraction, columns, cfg.seed, cfg.image_root
-    )
-    split_doc = {
-        "data": cfg.data,
-        "split": cfg.split,
-        "train_rows": len(train_set),
-        "val_split": cfg.val_split,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-    }
-    if cfg.val_fraction:
-        split_doc["val_rows_of_split"] = held_out_rows(
-            len(train_set) + len(val_set), cfg.val_fraction, cfg.seed
-        )
-    atomic_write_text(run / "split.json", json.dumps(split_doc) + "\n")
-    # Every record is checked now, so a bad one stops nothing halfway through an epoch.
-    train_set = _drop_bad(train_set, cfg, run, cfg.split)
-    if val_set is not None:
-        val_set = _drop_bad(val_set, cfg, run, cfg.val_split or "validation")
+    train_set, val_set = _load_data(cfg, run)
 
     # The base in its half dtype under autocast, LoRA weights in fp32 (peft upcasts them): the classic AMP recipe.
     dtype = pick_dtype(cfg.dtype, PartialState().device)
@@ -99,6 +86,9 @@ def train(cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
         project_dir=str(run),
+        # Each process reads its own batches. Accelerate's default for a stream (one process reads, then
+        # dispatches) drops the loader's own generator, and the global one it falls back on is dropout's.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
     clock = time.perf_counter()
     model, processor, family = _load_model(cfg, accelerator)
@@ -106,7 +96,21 @@ def train(cfg: TrainConfig) -> Path:
 
     collate = Collator(family, processor, cfg.max_length)
     prompting = Prompting(cfg.prompt, cfg.question_column, family.question_template)
-    examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
+    if cfg.streaming:
+        from .stream import BadRecordLog, StreamExamples
+
+        examples = StreamExamples(
+            train_set,
+            cfg.image_column,
+            cfg.text_column,
+            prompting,
+            cfg.seed,
+            cfg.shuffle_buffer,
+            on_bad=BadRecordLog(run / "skipped.jsonl", cfg.split),
+            batch_size=cfg.batch_size,
+        )
+    else:
+        examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
     features, train_items, train_collate, cache_s = None, examples, collate, 0.0
     use_cache, why = wants_cache(cfg, family, model)
     accelerator.print(f"image feature cache: {'on' if use_cache else 'off'} ({why})")
@@ -126,8 +130,23 @@ def train(cfg: TrainConfig) -> Path:
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images()
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
-    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-    sampler = EpochSampler(len(train_items), cfg.seed)
+    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches; `order`
+    # is what can be told where an epoch starts (the sampler, or the stream itself).
+    sampler = None
+    if not cfg.streaming:
+        sampler = EpochSampler(
+            len(train_items),
+            cfg.seed,
+            groups=examples.groups() if cfg.captions_per_epoch == "one" else None,
+            lengths=examples.target_lengths() if cfg.group_by_length else None,
+            batch_size=cfg.batch_size,
+        )
+    order = sampler or train_items
+    workers = train_items.workers(cfg.num_workers) if cfg.streaming else cfg.num_workers
+    if workers < cfg.num_workers:
+        accelerator.print(
+            f"--num-workers {cfg.num_workers}: the stream has {workers} shard(s), so {workers} worker(s)"
+        )
     # Its own generator too: each new iterator draws a seed, which must not come from the global generator
     # that dropout uses (a resumed run would then be one draw off).
     loader = DataLoader(
@@ -135,7 +154,7 @@ def train(cfg: TrainConfig) -> Path:
         batch_size=cfg.batch_size,
         sampler=sampler,
         collate_fn=train_collate,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -145,12 +164,16 @@ def train(cfg: TrainConfig) -> Path:
         val_loader = DataLoader(
             val_examples, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers
         )
-    shown = val_examples if val_examples is not None else examples  # fixed images captioned as training goes
-    samples = [shown[i] for i in range(min(cfg.num_samples, len(shown)))]
+    # Fixed images captioned as training goes.
+    if val_examples is not None:
+        samples = [val_examples[i] for i in range(min(cfg.num_samples, len(val_examples)))]
+    elif cfg.streaming:
+        samples = examples.head(cfg.num_samples)
+    else:
+        samples = [examples[i] for i in range(min(cfg.num_samples, len(examples)))]
 
-    batches_per_epoch = len(loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's epoch ends when it runs out
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
@@ -196,7 +219,8 @@ def train(cfg: TrainConfig) -> Path:
     session.train_mode()
     with _StopOnSignal() as stop:
         while state.step < total_steps:
-            sampler.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
+            order.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
+            ran_out = True
             for batch in loader:
                 state.batches_in_epoch += 1
                 if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
@@ -239,8 +263,13 @@ def train(cfg: TrainConfig) -> Path:
                         130,
                     )
                 if state.step >= total_steps:
+                    ran_out = False
                     break
-            if state.batches_in_epoch == batches_per_epoch:  # the epoch ran to its end
+            if ran_out and state.batches_in_epoch == 0:
+                raise DataError(
+                    f"split {cfg.split!r} of {cfg.data} gave no usable record (see skipped.jsonl)"
+                )
+            if ran_out or state.batches_in_epoch == batches_per_epoch:  # the epoch ran to its end
                 if val_loader is not None and not cfg.eval_every:
                     session.validate(val_loader, val_examples, state, bar)
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
@@ -270,6 +299,50 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.end_training()
     accelerator.print(f"run directory: {run}")
     return run
+
+
+def _load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
+    """(train split, validation split or None), checked; the split written to RUN_DIR/split.json. With
+    --streaming the train split is a `datasets.IterableDataset` (and the validation split, small by nature,
+    is read in full)."""
+    from accelerate import PartialState
+
+    columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
+    if PartialState().is_main_process:
+        print(f"data: {cfg.data} ({detect(cfg.data)[0]}{', streaming' if cfg.streaming else ''})")
+    split_doc: dict[str, Any] = {
+        "data": cfg.data,
+        "split": cfg.split,
+        "val_split": cfg.val_split,
+        "seed": cfg.seed,
+    }
+    if cfg.streaming:
+        import datasets
+
+        from .stream import load_stream
+
+        train_set, val_set = load_stream(cfg.data, cfg.split, columns, cfg.image_root), None
+        if cfg.val_split:
+            stream = load_stream(cfg.data, cfg.val_split, columns, cfg.image_root)
+            val_set = datasets.Dataset.from_generator(lambda: (yield from stream), features=stream.features)
+        split_doc.update(streaming=True, shuffle_buffer=cfg.shuffle_buffer)
+    else:
+        train_set, val_set = load_splits(
+            cfg.data, cfg.split, cfg.val_split, cfg.val_fraction, columns, cfg.seed, cfg.image_root
+        )
+        split_doc.update(train_rows=len(train_set), val_fraction=cfg.val_fraction)
+        if cfg.val_fraction:
+            split_doc["val_rows_of_split"] = held_out_rows(
+                len(train_set) + len(val_set), cfg.val_fraction, cfg.seed
+            )
+    atomic_write_text(run / "split.json", json.dumps(split_doc) + "\n")
+    # Every record is checked now, so a bad one stops nothing halfway through an epoch (a stream's records
+    # are checked as they come).
+    if not cfg.streaming:
+        train_set = _drop_bad(train_set, cfg, run, cfg.split)
+    if val_set is not None:
+        val_set = _drop_bad(val_set, cfg, run, cfg.val_split or "validation")
+    return train_set, val_set
 
 
 def _drop_bad(dataset: Any, cfg: TrainConfig, run: Path, split: str) -> Any:
@@ -314,25 +387,6 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
     ):
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation per epoch, drawn from (seed, epoch) alone; `position` also skips what was consumed."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
-
-    def position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        order = torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        )
-        return iter(order[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.n - self.start
 
 
 class _StopOnSignal:
@@ -382,6 +436,10 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     if cfg.lora_targets:  # peft's own error for an unmatched regex names nothing useful
         validate_against_model(cfg, model, 0)
     model = add_lora(model, family, cfg)
+    if cfg.compile:
+        # In place (nn.Module.compile): parameter names, and so the saved adapter, stay as they are. The
+        # language model is where training spends its time; the vision side runs once per image.
+        model.get_base_model().language_model.compile()
     trainable, total = trainable_parameters(model)
     validate_against_model(replace(cfg, lora_targets=None), model, trainable)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

@@ -1,0 +1,182 @@
+"""Training data as a stream (`--streaming`): records are read as training reaches them, so a dataset far
+larger than memory or disk (a hub dataset of a million images) trains without being loaded or downloaded.
+
+What changes against the map-style path: the length is unknown, so `--max-steps` sets the run's length; no
+record can be checked before training, so a bad one is skipped when reached and listed in
+RUN_DIR/skipped.jsonl; the order is a seeded shuffle buffer (`--shuffle-buffer`) reseeded each epoch, so a
+resumed run skips exactly the examples it had consumed. With `--num-workers N`, `datasets` gives each worker
+its own shards of the stream (files of a hub or parquet dataset; up to 64 shards of a local one), so at most
+as many workers as shards do any work, and the batches depend on the worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataError, Prompting, _files_by_split, _unreachable, as_image, detect, targets_of
+
+
+def load_stream(source: str, split: str, columns: tuple[str, ...], image_root: str | None = None) -> Any:
+    """Split `split` of `source` as a `datasets.IterableDataset`, with `columns` checked on its first record."""
+    import datasets
+
+    from .formats import load_coco, load_manifest
+
+    kind, path = detect(source)
+    try:
+        if kind == "hub":
+            try:
+                stream = datasets.load_dataset(source, split=split, streaming=True)
+            except (ConnectionError, OSError) as e:
+                raise _unreachable(source, e) from e
+        elif kind in ("parquet", "arrow"):
+            files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
+            stream = datasets.load_dataset(
+                kind, data_files=_files_by_split(files), split=split, streaming=True
+            )
+        elif kind == "imagefolder":
+            stream = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=True)
+        else:  # already on disk in Arrow (save_to_disk) or small index files (COCO, manifests): memory-mapped
+            loaded = {
+                "datasets-dir": lambda: datasets.load_from_disk(str(path)),
+                "coco": lambda: load_coco(path, image_root),
+                "manifest": lambda: load_manifest(path),
+            }[kind]()
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(
+                        f"dataset {source} has no split {split!r}; its splits: {', '.join(loaded)}"
+                    )
+                loaded = loaded[split]
+            # Shards are what DataLoader workers split between them (and what the shuffle reorders first).
+            stream = loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded))))
+    except ValueError as e:  # datasets' own "unknown split" and friends
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot stream split {split!r} of {source}: {e}") from e
+    features = getattr(stream, "features", None) or {}
+    if isinstance(features.get(columns[0]), datasets.Image):
+        # Bytes in, decoded by vlmtune: a broken image becomes a skipped record, not an exception in datasets.
+        stream = stream.cast_column(columns[0], datasets.Image(decode=False))
+    first = next(iter(stream), None)
+    if first is None:
+        raise DataError(f"dataset {source} (split {split!r}) is empty")
+    missing = [c for c in columns if c not in first]
+    if missing:
+        raise DataError(
+            f"dataset {source} (split {split!r}) has no column {', '.join(map(repr, missing))}; its columns: "
+            f"{', '.join(first)}. Name the right ones with --image-column / --text-column."
+        )
+    return stream
+
+
+class StreamExamples(torch.utils.data.IterableDataset):
+    """(image, prompt, target) examples from a stream, one per caption, images decoded as they are reached.
+
+    `position(epoch, start)` sets the epoch's shuffle and how many examples of it to skip (those a resumed
+    run had already trained on). A bad record is skipped and handed to `on_bad({position, epoch, file, text,
+    why})`: its position in the epoch's (shuffled) stream, its image file when it has one, and its caption,
+    since a shuffled stream keeps no row numbers.
+    """
+
+    def __init__(
+        self,
+        stream: Any,
+        image_column: str = "image",
+        text_column: str = "text",
+        prompting: Prompting | None = None,
+        seed: int = 42,
+        shuffle_buffer: int = 1000,
+        on_bad: Any = None,
+        batch_size: int = 1,
+    ):
+        self.stream, self.image_column, self.text_column = stream, image_column, text_column
+        self.prompting = prompting or Prompting()
+        self.seed, self.shuffle_buffer, self.on_bad, self.batch_size = (
+            seed,
+            shuffle_buffer,
+            on_bad,
+            batch_size,
+        )
+        self.epoch, self.start = 0, 0
+
+    def position(self, epoch: int, start: int) -> None:
+        """Epoch `epoch`, less its first `start` good examples (whole batches a resumed run trained on)."""
+        self.epoch, self.start = epoch, start
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        stream = self.stream
+        if self.shuffle_buffer > 1:
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        stream.set_epoch(self.epoch)  # a new shuffle each epoch, the same one for a given (seed, epoch)
+        return iter(stream)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # In a DataLoader worker, `datasets` hands this worker its own shards of the stream (see `workers`);
+        # the loader takes whole batches from the workers in turn, so worker w made batches w, w + n, ...
+        worker = torch.utils.data.get_worker_info()
+        n, w = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        skip = len(range(w, self.start // self.batch_size, n)) * self.batch_size  # already trained on
+        for r, row in enumerate(self.records()):
+            for text in targets_of(row[self.text_column]):
+                example = self._example(r, row, text, report=skip == 0)  # replayed bad ones: reported before
+                if example is None:
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                yield example
+
+    def workers(self, asked: int) -> int:
+        """DataLoader workers that get a share: `datasets` splits a stream between workers by shard."""
+        return min(asked, getattr(self.stream, "n_shards", 1))
+
+    def _example(self, r: int, row: dict[str, Any], text: Any, report: bool = True) -> dict[str, Any] | None:
+        try:
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"column {self.text_column!r}: expected a non-empty caption, got {text!r}")
+            image = as_image(row[self.image_column], f"column {self.image_column!r}")
+        except DataError as e:
+            if self.on_bad is not None and report:
+                value = row.get(self.image_column)
+                file = (
+                    value.get("path")
+                    if isinstance(value, dict)
+                    else value
+                    if isinstance(value, str)
+                    else None
+                )
+                self.on_bad(
+                    {"position": r, "epoch": self.epoch, "file": file, "text": str(text)[:80], "why": str(e)}
+                )
+            return None
+        return {"image": image, "prompt": self.prompting(row), "target": text, "index": r}
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        """The first `n` good examples in stream order (no shuffle): fixed samples to caption during training."""
+        out = []
+        for r, row in enumerate(self.stream):
+            for t in targets_of(row[self.text_column]):
+                example = self._example(r, row, t)
+                if example is not None:
+                    out.append(example)
+                if len(out) >= n:
+                    return out
+        return out
+
+
+class BadRecordLog:
+    """Appends each skipped streamed record to RUN_DIR/skipped.jsonl (picklable, for DataLoader workers)."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        import json
+
+        with self.path.open("a") as f:  # one short line per append: whole lines even from several workers
+            f.write(json.dumps({"split": self.split, **record}) + "\n")
