@@ -240,7 +240,8 @@ def test_two_images_are_refused(client, picture):
 def test_api_key_guards_every_route_but_health(base_app, picture):
     engine = base_app.state.batcher.engine
     with TestClient(create_app(engine, ServeConfig(model="tiny"), api_key="s3cret")) as c:
-        assert c.get("/health").status_code == 200
+        health = c.get("/health")
+        assert health.status_code == 200 and "tiny" not in health.text  # open, so it names no model
         for path in ("/v1/models", "/", "/docs", "/openapi.json", "/static/app.js"):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path

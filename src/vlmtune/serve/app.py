@@ -139,8 +139,8 @@ def create_app(engine: Engine, cfg: ServeConfig, api_key: str | None = None) -> 
 
     @app.get("/health", tags=["server"])
     async def health() -> dict[str, Any]:
-        """Liveness and load; the one route that needs no API key."""
-        return {"status": "ok", "models": list(engine.adapters), "waiting": batcher.waiting, **engine.stats}
+        """Liveness and load; the one route that needs no API key, so it names no model."""
+        return {"status": "ok", "waiting": batcher.waiting, **engine.stats}
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> ModelList:
