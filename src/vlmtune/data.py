@@ -117,8 +117,13 @@ def detect(source: str) -> tuple[str, Path | None]:
     )
 
 
-def load_any(source: str, image_root: str | None = None) -> Any:
-    """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id."""
+def load_any(source: str, image_root: str | None = None, streaming: bool = False) -> Any:
+    """A DatasetDict or Dataset from whatever `source` names: a local path if one exists, else a hub id.
+
+    With `streaming`, the iterable versions: hub, parquet, arrow and image folders are read file by file as
+    they are iterated (nothing downloaded up front); the rest, already on disk as Arrow or read from small
+    index files, become streams of up to 64 shards (what DataLoader workers split between them).
+    """
     import datasets
 
     from .formats import load_coco, load_manifest
@@ -126,24 +131,32 @@ def load_any(source: str, image_root: str | None = None) -> Any:
     kind, path = detect(source)
     if kind == "hub":
         try:
-            return datasets.load_dataset(source)
+            return datasets.load_dataset(source, streaming=streaming)
         except (ConnectionError, OSError) as e:  # offline, or no such repository
             raise _unreachable(source, e) from e
     try:
-        if kind == "coco":
-            return load_coco(path, image_root)
-        if kind == "manifest":
-            return load_manifest(path)
-        if kind == "datasets-dir":
-            return datasets.load_from_disk(str(path))
         if kind == "imagefolder":
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
-        files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
-        return datasets.load_dataset(kind, data_files=_files_by_split(files))
+            return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
+        if kind in ("parquet", "arrow"):
+            files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
+            return datasets.load_dataset(kind, data_files=_files_by_split(files), streaming=streaming)
+        if kind == "coco":
+            loaded = load_coco(path, image_root)
+        elif kind == "manifest":
+            loaded = load_manifest(path)
+        else:
+            loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read dataset {path}: {e}") from e
+    if not streaming:
+        return loaded
+    if isinstance(loaded, datasets.Dataset):
+        return loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded))))
+    return datasets.IterableDatasetDict(
+        {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v)))) for k, v in loaded.items()}
+    )
 
 
 def _unreachable(source: str, err: Exception) -> DataError:
@@ -189,12 +202,16 @@ def load_splits(
     return train, None
 
 
-def load_dict(source: str, image_root: str | None = None) -> Any:
-    """`load_any` as a DatasetDict (a single dataset becomes its "train" split)."""
+def load_dict(source: str, image_root: str | None = None, streaming: bool = False) -> Any:
+    """`load_any` as a (Iterable)DatasetDict (a single dataset becomes its "train" split)."""
     import datasets
 
-    loaded = load_any(source, image_root)
-    return datasets.DatasetDict({"train": loaded}) if isinstance(loaded, datasets.Dataset) else loaded
+    loaded = load_any(source, image_root, streaming)
+    if isinstance(loaded, datasets.Dataset):
+        return datasets.DatasetDict({"train": loaded})
+    if isinstance(loaded, datasets.IterableDataset):
+        return datasets.IterableDatasetDict({"train": loaded})
+    return loaded
 
 
 def pick_split(loaded: Any, source: str, name: str, columns: tuple[str, ...]) -> Any:
@@ -202,11 +219,17 @@ def pick_split(loaded: Any, source: str, name: str, columns: tuple[str, ...]) ->
     if name not in loaded:
         raise DataError(f"dataset {source} has no split {name!r}; its splits: {', '.join(loaded)}")
     ds = loaded[name]
-    missing = [c for c in columns if c not in ds.column_names]
+    existing = ds.column_names
+    if existing is None:  # a stream that declares no features: its first record says
+        first = next(iter(ds), None)
+        if first is None:
+            raise DataError(f"dataset {source} (split {name!r}) is empty")
+        existing = list(first)
+    missing = [c for c in columns if c not in existing]
     if missing:
         raise DataError(
             f"dataset {source} (split {name!r}) has no column {', '.join(map(repr, missing))}; its columns: "
-            f"{', '.join(ds.column_names)}. Name the right ones with --image-column / --text-column."
+            f"{', '.join(existing)}. Name the right ones with --image-column / --text-column."
         )
     return ds
 

@@ -17,60 +17,17 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Prompting, _files_by_split, _unreachable, as_image, detect, targets_of
+from .data import DataError, Prompting, as_image, load_dict, pick_split, targets_of
 
 
 def load_stream(source: str, split: str, columns: tuple[str, ...], image_root: str | None = None) -> Any:
-    """Split `split` of `source` as a `datasets.IterableDataset`, with `columns` checked on its first record."""
+    """Split `split` of `source` as a `datasets.IterableDataset`, with `columns` checked."""
     import datasets
 
-    from .formats import load_coco, load_manifest
-
-    kind, path = detect(source)
-    try:
-        if kind == "hub":
-            try:
-                stream = datasets.load_dataset(source, split=split, streaming=True)
-            except (ConnectionError, OSError) as e:
-                raise _unreachable(source, e) from e
-        elif kind in ("parquet", "arrow"):
-            files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
-            stream = datasets.load_dataset(
-                kind, data_files=_files_by_split(files), split=split, streaming=True
-            )
-        elif kind == "imagefolder":
-            stream = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=True)
-        else:  # already on disk in Arrow (save_to_disk) or small index files (COCO, manifests): memory-mapped
-            loaded = {
-                "datasets-dir": lambda: datasets.load_from_disk(str(path)),
-                "coco": lambda: load_coco(path, image_root),
-                "manifest": lambda: load_manifest(path),
-            }[kind]()
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(
-                        f"dataset {source} has no split {split!r}; its splits: {', '.join(loaded)}"
-                    )
-                loaded = loaded[split]
-            # Shards are what DataLoader workers split between them (and what the shuffle reorders first).
-            stream = loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded))))
-    except ValueError as e:  # datasets' own "unknown split" and friends
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot stream split {split!r} of {source}: {e}") from e
-    features = getattr(stream, "features", None) or {}
-    if isinstance(features.get(columns[0]), datasets.Image):
+    stream = pick_split(load_dict(source, image_root, streaming=True), source, split, columns)
+    if isinstance((stream.features or {}).get(columns[0]), datasets.Image):
         # Bytes in, decoded by vlmtune: a broken image becomes a skipped record, not an exception in datasets.
         stream = stream.cast_column(columns[0], datasets.Image(decode=False))
-    first = next(iter(stream), None)
-    if first is None:
-        raise DataError(f"dataset {source} (split {split!r}) is empty")
-    missing = [c for c in columns if c not in first]
-    if missing:
-        raise DataError(
-            f"dataset {source} (split {split!r}) has no column {', '.join(map(repr, missing))}; its columns: "
-            f"{', '.join(first)}. Name the right ones with --image-column / --text-column."
-        )
     return stream
 
 

@@ -100,13 +100,20 @@ def parse_runs(runs: Sequence[str]) -> dict[str, str]:
 class Engine:
     """A base model, its adapters, and the generation of a batch of jobs (on whatever thread calls `run`)."""
 
-    def __init__(self, model: Any, processor: Any, family: Family, adapters: list[Adapter], **kw: Any):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        family: Family,
+        adapters: list[Adapter],
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.model, self.processor, self.family = model, processor, family
         self.adapters = {a.name: a for a in adapters}
         # A request that names no model gets the first run's adapter (the base when serving no run).
         self.default = next((a for a in adapters if a.peft_name != BASE), adapters[0])
-        self.device: torch.device = kw.get("device", torch.device("cpu"))
-        self.dtype: torch.dtype = kw.get("dtype", torch.float32)
+        self.device, self.dtype = device or torch.device("cpu"), dtype
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
 
     @classmethod
