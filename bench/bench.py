@@ -94,7 +94,7 @@ SIZES = {
 }
 
 
-def build_model(size: str, path: Path) -> None:
+def build_model(size: str, path: Path, vocab_size: int | None = None) -> None:
     """Random weights in the chosen shape, with the tiny base's byte-level tokenizer (ids fit any vocabulary)."""
     from transformers import (
         AutoModelForImageTextToText,
@@ -110,7 +110,7 @@ def build_model(size: str, path: Path) -> None:
     shape = SIZES[size]
     text = dict(
         shape["text_config"],
-        vocab_size=len(tok) if size == "proxy" else 50304,
+        vocab_size=vocab_size or (len(tok) if size == "proxy" else 50304),
         bos_token_id=2,
         pad_token_id=1,
         eos_token_id=tok.convert_tokens_to_ids("Ċ"),

@@ -1,7 +1,8 @@
 """Model FLOPs of LoRA training on BLIP-2, counted from the config, for model FLOPs utilisation (MFU).
 
 Per training sample (T = query tokens + caption tokens):
-- language model: forward 2 x (linear weights) x T plus the output head (2 x d x vocab x T) plus attention
+- language model: forward 2 x (linear weights) x T plus the output head over the caption positions
+  (2 x d x vocab x (caption tokens + 1): no logits for the image placeholders) plus attention
   (4 x T^2 x d per layer); backward computes activation gradients only (frozen weights need no weight
   gradients), about as much again, so 2 x forward;
 - vision side (ViT over 257 tokens, Q-Former): forward only, once per image when cached (so / epochs), every
@@ -29,7 +30,8 @@ def per_sample(model_dir: str, text_tokens: float, epochs: int, cached: bool) ->
     t = config.num_query_tokens + text_tokens
     text = config.text_config
     lm_layers = model.language_model.model.decoder.layers
-    lm_fwd = 2 * _linear_params(lm_layers) * t + 2 * text.hidden_size * text.vocab_size * t
+    # The output head runs from the position before the first caption token on (`Family.loss_inputs`).
+    lm_fwd = 2 * _linear_params(lm_layers) * t + 2 * text.hidden_size * text.vocab_size * (text_tokens + 1)
     lm_fwd += 4 * t * t * text.hidden_size * text.num_hidden_layers
     v = config.vision_config
     patches = (v.image_size // v.patch_size) ** 2 + 1

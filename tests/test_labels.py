@@ -117,3 +117,34 @@ def test_model_loss_is_over_target_tokens_only(tiny, tiny_path):
     keep = labels != IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep])
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize(
+    "prompts", [["", ""], ["Question: what is red? Answer:", "Question: where? Answer:"]]
+)
+def test_logits_only_over_targets_give_the_same_loss_and_gradients(tiny, tiny_path, prompts):
+    """`loss_inputs` skips the logits of the image and prompt positions; loss and gradients stay the same."""
+    from transformers import AutoModelForImageTextToText
+
+    processor, family, config = tiny
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    batch = family.encode(
+        processor, images(2), prompts, ["a red ball", "near the goal"], max_length=48, padding_side="right"
+    )
+    trimmed = family.loss_inputs(batch)
+    # No logits for the image placeholders, nor for a prompt: the first kept position predicts the first target.
+    assert trimmed["logits_to_keep"] <= batch["labels"].shape[1] - config.num_query_tokens - (
+        3 if prompts[0] else 0
+    )
+    results = []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        results.append(
+            (out.loss.detach(), out.logits.shape[1], model.language_projection.weight.grad.clone())
+        )
+    (full, full_len, full_grad), (cut, cut_len, cut_grad) = results
+    torch.testing.assert_close(cut, full)
+    torch.testing.assert_close(cut_grad, full_grad)
+    assert cut_len == trimmed["logits_to_keep"] < full_len

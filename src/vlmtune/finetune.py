@@ -231,7 +231,7 @@ def train(cfg: TrainConfig) -> Path:
                 else:
                     batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**family.loss_inputs(batch)).loss
                     accelerator.backward(loss)
                     finite = True
                     if accelerator.sync_gradients:
@@ -531,7 +531,7 @@ class _Session:
 
     def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
         """Validation loss (and caption metrics with --eval-metrics); the best adapter so far to RUN_DIR/best."""
-        record: dict[str, float] = {"val_loss": evaluate_loss(self.model, loader, self.dtype)}
+        record: dict[str, float] = {"val_loss": evaluate_loss(self.model, self.family, loader, self.dtype)}
         if self.cfg.eval_metrics:
             record.update(self.caption_metrics(examples))
         self.metrics.write(step=state.step, epoch=state.epoch, **record)
@@ -605,13 +605,13 @@ class _Session:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, loader: DataLoader, dtype: torch.dtype) -> float:
+def evaluate_loss(model: Any, family: Family, loader: DataLoader, dtype: torch.dtype) -> float:
     """Mean loss over `loader`, weighted by each batch's number of target tokens. Leaves `model` in eval mode."""
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += model(**batch).loss.float().item() * n
+        total += model(**family.loss_inputs(batch)).loss.float().item() * n
         tokens += n
     return total / max(tokens, 1)

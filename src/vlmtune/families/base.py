@@ -80,6 +80,10 @@ class Family(ABC):
         """Extra forward() arguments that make the model use `features` instead of computing them."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
+    def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` as the training forward should take it; a family may trim work the loss never reads."""
+        return batch
+
     @abstractmethod
     def generate_tokens(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any

@@ -141,6 +141,21 @@ class Blip2(Family):
             del batch["labels"]
         return batch
 
+    def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Logits only from the position before the batch's first target token on: the image placeholders and
+        prompt carry no label, so their logits (T x vocab each, in fp32 for the loss) are never computed.
+
+        BLIP-2 scores `logits[:, -labels.size(1):]` against the labels shifted by one, so the labels are cut to
+        the same last positions; the loss is the same (a test checks it), for less memory and compute.
+        """
+        labels = batch["labels"]
+        targets = labels != IGNORE_INDEX
+        if not targets.any():
+            return batch
+        first = int(targets.any(dim=0).int().argmax())  # the earliest position with a target in any row
+        start = max(first - 1, 0)  # the logit there predicts the token at `first`
+        return {**batch, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}
+
     def supports_feature_cache(self, model: Any) -> bool:
         # transformers >= 5.24's forward takes precomputed encoder outputs (`mm_encoder_outputs`).
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
