@@ -94,6 +94,96 @@ def train(cfg: TrainConfig) -> Path:
     model, processor, family = _load_model(cfg, accelerator)
     load_s = time.perf_counter() - clock
 
+    data = _batches(cfg, run, accelerator, model, processor, family, dtype, train_set, val_set)
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, data.loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
+    if data.val_loader is not None:
+        data.val_loader = accelerator.prepare(data.val_loader)
+
+    state = LoopState()
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+        )
+        truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
+        accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
+    write_run_config(run, cfg, resolve_model(cfg.model), family.name, str(accelerator.device))
+    accelerator.init_trackers("tensorboard")
+    session = _Session(
+        accelerator,
+        model,
+        processor,
+        family,
+        cfg,
+        dtype,
+        data.samples,
+        family.frozen_modules(cfg.train_qformer, cfg.train_projection),
+        JsonlLog(run / METRICS_FILE),
+        JsonlLog(run / SAMPLES_FILE),
+        optimizer,
+        scheduler,
+        trainable,
+    )
+
+    loop_s, trained = session.train_loop(state, data, total_steps)
+    # Where the time went, for benchmarks and for the user: load, one-off feature cache, the loop itself.
+    session.metrics.write(
+        step=state.step,
+        train_samples=trained,
+        load_s=load_s,
+        cache_s=data.cache_s,
+        loop_s=loop_s,
+        skipped_steps=state.bad_steps_total,
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapter = accelerator.unwrap_model(model)
+
+        def write(tmp: Path) -> None:
+            adapter.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+
+        save_atomically(run, write)
+    accelerator.end_training()
+    accelerator.print(f"run directory: {run}")
+    return run
+
+
+@dataclass
+class _Batches:
+    """The training and validation data as the loop consumes them."""
+
+    loader: DataLoader
+    order: Any  # what is told where each epoch starts: the EpochSampler, or the stream itself
+    per_epoch: int | None  # batches per epoch; None for a stream, whose epoch ends when it runs out
+    features: Any  # the image-feature cache, or None
+    val_loader: DataLoader | None
+    val_examples: Any
+    samples: list[dict[str, Any]]  # fixed examples captioned as training goes
+    cache_s: float  # seconds spent filling the feature cache
+
+
+def _batches(
+    cfg: TrainConfig,
+    run: Path,
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    family: Family,
+    dtype: torch.dtype,
+    train_set: Any,
+    val_set: Any,
+) -> _Batches:
+    """Examples, the feature cache when the vision side is frozen, the epoch order and the loaders."""
     collate = Collator(family, processor, cfg.max_length)
     prompting = Prompting(cfg.prompt, cfg.question_column, family.question_template)
     if cfg.streaming:
@@ -130,8 +220,7 @@ def train(cfg: TrainConfig) -> Path:
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images()
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
-    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches; `order`
-    # is what can be told where an epoch starts (the sampler, or the stream itself).
+    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     sampler = None
     if not cfg.streaming:
         sampler = EpochSampler(
@@ -141,7 +230,6 @@ def train(cfg: TrainConfig) -> Path:
             lengths=examples.target_lengths() if cfg.group_by_length else None,
             batch_size=cfg.batch_size,
         )
-    order = sampler or train_items
     workers = train_items.workers(cfg.num_workers) if cfg.streaming else cfg.num_workers
     if workers < cfg.num_workers:
         accelerator.print(
@@ -172,133 +260,16 @@ def train(cfg: TrainConfig) -> Path:
     else:
         samples = [examples[i] for i in range(min(cfg.num_samples, len(examples)))]
 
-    batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's epoch ends when it runs out
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.scheduler,
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-
-    state = LoopState()
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
-        )
-        truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
-        accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
-    write_run_config(run, cfg, resolve_model(cfg.model), family.name, str(accelerator.device))
-    accelerator.init_trackers("tensorboard")
-    session = _Session(
-        accelerator,
-        model,
-        processor,
-        family,
-        cfg,
-        dtype,
+    return _Batches(
+        loader,
+        sampler or train_items,
+        None if cfg.streaming else len(loader),
+        features,
+        val_loader,
+        val_examples,
         samples,
-        family.frozen_modules(cfg.train_qformer, cfg.train_projection),
-        JsonlLog(run / METRICS_FILE),
-        JsonlLog(run / SAMPLES_FILE),
+        cache_s,
     )
-
-    started, seen_before = time.perf_counter(), state.samples
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        desc="train",
-        unit="step",
-        disable=not accelerator.is_local_main_process,
-    )
-    session.train_mode()
-    with _StopOnSignal() as stop:
-        while state.step < total_steps:
-            order.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
-            ran_out = True
-            for batch in loader:
-                state.batches_in_epoch += 1
-                if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
-                    index = batch.pop("image_index").to(features.device)
-                    batch.update(
-                        family.cached_inputs(features[index].to(accelerator.device, non_blocking=True))
-                    )
-                else:
-                    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                with accelerator.accumulate(model):
-                    loss = model(**family.loss_inputs(batch)).loss
-                    accelerator.backward(loss)
-                    finite = True
-                    if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-                        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-                    # A non-finite step changes nothing, not even the schedule; with fp16 the gradient scaler
-                    # must see it (it skips the update itself and lowers its scale).
-                    if finite or accelerator.scaler is not None:
-                        optimizer.step()
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
-                if torch.isfinite(loss):
-                    state.window.append(loss.detach().float().item())
-                if not accelerator.sync_gradients:  # mid-accumulation: not an optimizer step yet
-                    continue
-                state.step += 1
-                bar.update(1)
-                session.after_step(state, finite, bar, scheduler, total_steps, started, seen_before)
-                if val_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                    session.validate(val_loader, val_examples, state, bar)
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    session.save(run, optimizer, scheduler, state)
-                if stop.requested:
-                    path = session.save(run, optimizer, scheduler, state)
-                    raise TrainingStopped(
-                        f"stopped by {stop.requested} at step {state.step}; checkpoint {path}.\n"
-                        f"Resume with the same command plus --resume auto.",
-                        130,
-                    )
-                if state.step >= total_steps:
-                    ran_out = False
-                    break
-            if ran_out and state.batches_in_epoch == 0:
-                raise DataError(
-                    f"split {cfg.split!r} of {cfg.data} gave no usable record (see skipped.jsonl)"
-                )
-            if ran_out or state.batches_in_epoch == batches_per_epoch:  # the epoch ran to its end
-                if val_loader is not None and not cfg.eval_every:
-                    session.validate(val_loader, val_examples, state, bar)
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                session.save(run, optimizer, scheduler, state)
-    bar.close()
-    loop_s = time.perf_counter() - started
-    session.show_samples(state.step, bar)
-    # Where the time went, for benchmarks and for the user: load, one-off feature cache, the loop itself.
-    session.metrics.write(
-        step=state.step,
-        train_samples=state.samples - seen_before,
-        load_s=load_s,
-        cache_s=cache_s,
-        loop_s=loop_s,
-        skipped_steps=state.bad_steps_total,
-    )
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        adapter = accelerator.unwrap_model(model)
-
-        def write(tmp: Path) -> None:
-            adapter.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-
-        save_atomically(run, write)
-    accelerator.end_training()
-    accelerator.print(f"run directory: {run}")
-    return run
 
 
 def _load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
@@ -448,7 +419,7 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
 
 @dataclass
 class _Session:
-    """What the loop's side jobs (logging, samples, validation) share."""
+    """The training loop and what its side jobs (logging, samples, validation, checkpoints) share."""
 
     accelerator: Any
     model: Any
@@ -460,6 +431,88 @@ class _Session:
     frozen: list[str]
     metrics: JsonlLog
     sample_log: JsonlLog
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+
+    def train_loop(self, state: LoopState, data: _Batches, total_steps: int) -> tuple[float, int]:
+        """Steps until `total_steps`: validation, checkpoints and the signal stop on the way, samples at the
+        end. Returns (seconds in the loop, samples trained)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        started, seen_before = time.perf_counter(), state.samples
+        bar = tqdm(
+            total=total_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not accelerator.is_local_main_process,
+        )
+        self.train_mode()
+        with _StopOnSignal() as stop:
+            while state.step < total_steps:
+                data.order.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
+                ran_out = True
+                for batch in data.loader:
+                    state.batches_in_epoch += 1
+                    finite = self.micro_step(batch, data.features, state)
+                    if not accelerator.sync_gradients:  # mid-accumulation: not an optimizer step yet
+                        continue
+                    state.step += 1
+                    bar.update(1)
+                    self.after_step(state, finite, bar, total_steps, started, seen_before)
+                    if data.val_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                        self.validate(data.val_loader, data.val_examples, state, bar)
+                    if cfg.save_every and state.step % cfg.save_every == 0:
+                        self.save(state)
+                    if stop.requested:
+                        path = self.save(state)
+                        raise TrainingStopped(
+                            f"stopped by {stop.requested} at step {state.step}; checkpoint {path}.\n"
+                            f"Resume with the same command plus --resume auto.",
+                            130,
+                        )
+                    if state.step >= total_steps:
+                        ran_out = False
+                        break
+                if ran_out and state.batches_in_epoch == 0:
+                    raise DataError(
+                        f"split {cfg.split!r} of {cfg.data} gave no usable record (see skipped.jsonl)"
+                    )
+                if ran_out or state.batches_in_epoch == data.per_epoch:  # the epoch ran to its end
+                    if data.val_loader is not None and not cfg.eval_every:
+                        self.validate(data.val_loader, data.val_examples, state, bar)
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                    self.save(state)
+        bar.close()
+        seconds = time.perf_counter() - started
+        self.show_samples(state.step, bar)
+        return seconds, state.samples - seen_before
+
+    def micro_step(self, batch: dict[str, Any], features: Any, state: LoopState) -> bool:
+        """Forward and backward, and at the end of an accumulation the optimizer step. Whether it was finite."""
+        accelerator, family = self.accelerator, self.family
+        if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
+            index = batch.pop("image_index").to(features.device)
+            batch.update(family.cached_inputs(features[index].to(accelerator.device, non_blocking=True)))
+        else:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        with accelerator.accumulate(self.model):
+            loss = self.model(**family.loss_inputs(batch)).loss
+            accelerator.backward(loss)
+            finite = True
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm or math.inf)
+                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+            # A non-finite step changes nothing, not even the schedule; with fp16 the gradient scaler must see
+            # it (it skips the update itself and lowers its scale).
+            if finite or accelerator.scaler is not None:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
+        if torch.isfinite(loss):
+            state.window.append(loss.detach().float().item())
+        return finite
 
     def train_mode(self) -> None:
         """Train mode, except in modules with nothing to train: dropout there only adds noise to features
@@ -481,7 +534,6 @@ class _Session:
         state: LoopState,
         finite: bool,
         bar: Any,
-        scheduler: Any,
         total: int,
         started: float,
         seen_before: int,
@@ -514,19 +566,26 @@ class _Session:
                 step=state.step,
                 epoch=state.epoch,
                 loss=sum(state.window) / len(state.window),
-                lr=scheduler.get_last_lr()[0],
+                lr=self.scheduler.get_last_lr()[0],
                 samples_per_s=rate,
             )
             state.window = []
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
             self.show_samples(state.step, bar)
 
-    def save(self, run: Path, optimizer: Any, scheduler: Any, state: LoopState) -> Path | None:
+    def save(self, state: LoopState) -> Path | None:
+        """A checkpoint of `state` in RUN_DIR/checkpoints (the main process writes it)."""
         if not self.accelerator.is_main_process:
             return None
         model = self.accelerator.unwrap_model(self.model)
         return save_checkpoint(
-            run, model, optimizer, scheduler, self.accelerator.scaler, state, self.cfg.keep
+            Path(self.cfg.output),
+            model,
+            self.optimizer,
+            self.scheduler,
+            self.accelerator.scaler,
+            state,
+            self.cfg.keep,
         )
 
     def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
