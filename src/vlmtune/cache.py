@@ -90,7 +90,9 @@ def build_feature_cache(
             rows = family.image_features(model, pixels).to(dtype)
         total = rows[0].numel() * rows.element_size() * len(examples)
         if done == 0 and spill_dir is not None and total > HOST_LIMIT:
-            disk = DiskFeatures(spill_dir / "feature_cache.npy", (len(examples), *rows.shape[1:]), dtype)
+            # One file per process: under `accelerate launch` every process holds the whole cache.
+            path = spill_dir / f"feature_cache.{accelerator.process_index}.npy"
+            disk = DiskFeatures(path, (len(examples), *rows.shape[1:]), dtype)
         if disk is not None:
             disk.write(done, rows)
         else:

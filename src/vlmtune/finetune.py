@@ -65,20 +65,22 @@ class TrainingStopped(RuntimeError):
 
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; returns the run directory."""
-    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     validate_train(cfg)  # every config problem at once, before any weights are loaded
     run = Path(cfg.output)
     resume_from = resolve_resume(run, cfg.resume) if cfg.resume else None
-    _prepare_run_dir(run, resumed=resume_from is not None)
+    if _process().is_main_process:
+        _prepare_run_dir(run, resumed=resume_from is not None)
+    _process().wait_for_everyone()
     set_seed(cfg.seed)
     # Data first: a wrong path or column fails in seconds, not after minutes of loading weights.
     train_set, val_set = _load_data(cfg, run)
 
     # The base in its half dtype under autocast, LoRA weights in fp32 (peft upcasts them): the classic AMP recipe.
-    dtype = pick_dtype(cfg.dtype, PartialState().device)
+    dtype = pick_dtype(cfg.dtype, _process().device)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     _forget_other_precision(mixed)
     accelerator = Accelerator(
@@ -95,18 +97,24 @@ def train(cfg: TrainConfig) -> Path:
     load_s = time.perf_counter() - clock
 
     data = _batches(cfg, run, accelerator, model, processor, family, dtype, train_set, val_set)
+    data.loader = accelerator.prepare(data.loader)  # from here on, this process's share of each epoch
+    if data.val_loader is not None:
+        data.val_loader = accelerator.prepare(data.val_loader)
+    if data.per_epoch is not None:
+        data.per_epoch = len(data.loader)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Accelerate advances a prepared schedule once per process at every optimizer step (it expects one sized
+    # for a single process seeing all the batches), so it is sized that way.
+    n = accelerator.num_processes
     scheduler = get_scheduler(
         cfg.scheduler,
         optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps) * n,
+        num_training_steps=total_steps * n,
     )
-    model, optimizer, data.loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
-    if data.val_loader is not None:
-        data.val_loader = accelerator.prepare(data.val_loader)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = LoopState()
     if resume_from is not None:
@@ -126,8 +134,9 @@ def train(cfg: TrainConfig) -> Path:
         dtype,
         data.samples,
         family.frozen_modules(cfg.train_qformer, cfg.train_projection),
-        JsonlLog(run / METRICS_FILE),
-        JsonlLog(run / SAMPLES_FILE),
+        # One process writes the logs: every process logs the same (synchronised) steps.
+        JsonlLog(run / METRICS_FILE, enabled=accelerator.is_main_process),
+        JsonlLog(run / SAMPLES_FILE, enabled=accelerator.is_main_process),
         optimizer,
         scheduler,
         trainable,
@@ -164,7 +173,9 @@ class _Batches:
 
     loader: DataLoader
     order: Any  # what is told where each epoch starts: the EpochSampler, or the stream itself
-    per_epoch: int | None  # batches per epoch; None for a stream, whose epoch ends when it runs out
+    per_epoch: (
+        int | None
+    )  # this process's batches per epoch; None for a stream (its epoch ends when it runs out)
     features: Any  # the image-feature cache, or None
     val_loader: DataLoader | None
     val_examples: Any
@@ -196,7 +207,8 @@ def _batches(
             prompting,
             cfg.seed,
             cfg.shuffle_buffer,
-            on_bad=BadRecordLog(run / "skipped.jsonl", cfg.split),
+            # every process reads the whole stream, so one of them reports
+            on_bad=BadRecordLog(run / "skipped.jsonl", cfg.split) if accelerator.is_main_process else None,
             batch_size=cfg.batch_size,
         )
     else:
@@ -276,10 +288,8 @@ def _load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
     """(train split, validation split or None), checked; the split written to RUN_DIR/split.json. With
     --streaming the train split is a `datasets.IterableDataset` (and the validation split, small by nature,
     is read in full)."""
-    from accelerate import PartialState
-
     columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
-    if PartialState().is_main_process:
+    if _process().is_main_process:
         print(f"data: {cfg.data} ({detect(cfg.data)[0]}{', streaming' if cfg.streaming else ''})")
     split_doc: dict[str, Any] = {
         "data": cfg.data,
@@ -316,6 +326,16 @@ def _load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
     return train_set, val_set
 
 
+def _process() -> Any:
+    """This process's place in the run (rank, device), as the Accelerator will see it. Asked before the
+    Accelerator exists, so it must read `ACCELERATE_USE_CPU` as the Accelerator does: processes started by
+    torchrun on CPUs would otherwise each take themselves for the only one."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _drop_bad(dataset: Any, cfg: TrainConfig, run: Path, split: str) -> Any:
     """`dataset` without its bad records with --skip-bad (listed in skipped.jsonl); otherwise an error naming all."""
     bad = find_bad_records(dataset, cfg.image_column, cfg.text_column)
@@ -323,7 +343,7 @@ def _drop_bad(dataset: Any, cfg: TrainConfig, run: Path, split: str) -> Any:
         return dataset
     if not cfg.skip_bad:
         raise DataError(bad_report(cfg.data, split, bad))
-    log = JsonlLog(run / "skipped.jsonl")
+    log = JsonlLog(run / "skipped.jsonl", enabled=_process().is_main_process)
     for record in bad_as_dicts(bad):
         log.write(split=split, **record)
     rows = {b.row for b in bad}
@@ -354,10 +374,11 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
         "tensorboard",
         CHECKPOINTS,
         "skipped.jsonl",
-        "feature_cache.npy",
     ):
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    for cache in run.glob("feature_cache*.npy"):
+        cache.unlink()
 
 
 class _StopOnSignal:
@@ -450,7 +471,9 @@ class _Session:
         self.train_mode()
         with _StopOnSignal() as stop:
             while state.step < total_steps:
-                data.order.position(state.epoch, state.batches_in_epoch * cfg.batch_size)
+                # Batches go to the processes in turn, so each process's k batches are k x processes overall.
+                consumed = state.batches_in_epoch * cfg.batch_size * accelerator.num_processes
+                data.order.position(state.epoch, consumed)
                 ran_out = True
                 for batch in data.loader:
                     state.batches_in_epoch += 1
@@ -559,19 +582,22 @@ class _Session:
                 )
             return
         state.bad_steps_in_a_row = 0
-        if (state.step % cfg.log_every == 0 or state.step == total) and state.window:
-            rate = (state.samples - seen_before) / (time.perf_counter() - started)
-            self.log(
-                bar,
-                step=state.step,
-                epoch=state.epoch,
-                loss=sum(state.window) / len(state.window),
-                lr=self.scheduler.get_last_lr()[0],
-                samples_per_s=rate,
-            )
+        if state.step % cfg.log_every == 0 or state.step == total:
+            loss = self.mean_loss(state.window)
+            if loss is not None:
+                rate = (state.samples - seen_before) / (time.perf_counter() - started)
+                lr = self.scheduler.get_last_lr()[0]
+                self.log(bar, step=state.step, epoch=state.epoch, loss=loss, lr=lr, samples_per_s=rate)
             state.window = []
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
             self.show_samples(state.step, bar)
+
+    def mean_loss(self, window: list[float]) -> float | None:
+        """The mean of the losses since the last log line, over every process (None if there are none)."""
+        total = torch.tensor([sum(window), len(window)], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, "sum")
+        return float(total[0] / total[1]) if total[1] else None
 
     def save(self, state: LoopState) -> Path | None:
         """A checkpoint of `state` in RUN_DIR/checkpoints (the main process writes it)."""

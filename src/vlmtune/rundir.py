@@ -127,10 +127,12 @@ def save_atomically(run: Path, write: Any) -> None:
 class JsonlLog:
     """Append-only JSON lines, flushed per line so a crash keeps everything logged so far."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # disabled: a process that is not the one writing logs
 
     def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
