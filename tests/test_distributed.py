@@ -5,8 +5,10 @@ batch 4 take the same global batches, schedule and losses as one process at batc
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from vlmtune.config import TrainConfig
 from vlmtune.finetune import train
@@ -82,3 +84,86 @@ def test_two_processes_split_each_epoch(football, tmp_path):
     # The same examples in each global batch: the losses agree up to how the two halves' means are weighted.
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in alone], rel=0.05)
     assert (run / "adapter_model.safetensors").exists()
+
+
+def torchrun(football, run, *extra):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vlmtune",
+        "train",
+        "--data",
+        football,
+        "--output",
+        str(run),
+        "--model",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "10",
+        "--sample-every",
+        "0",
+        "--num-samples",
+        "0",
+        "--log-every",
+        "5",
+        "--lr",
+        "3e-3",
+        "--lora-dropout",
+        "0.1",
+        "--seed",
+        "3",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def workers(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
+    """SIGTERM to one of two processes: both stop at the same step and checkpoint (with each process's random
+    generators); the resumed run ends with the adapter and losses of the run that was never stopped."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from vlmtune.checkpoint import complete_checkpoints
+
+    straight = tmp_path / "straight"
+    out, err = torchrun(football, straight).communicate(timeout=600)
+    assert (straight / "adapter_model.safetensors").exists(), err[-3000:]
+
+    run = tmp_path / "stopped"
+    proc = torchrun(football, run)
+    deadline = time.time() + 300
+    while not complete_checkpoints(run) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(workers(proc.pid)[-1], signal.SIGTERM)  # the other process learns of it at the next step
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "SIGTERM: finishing this step" in err, err[-3000:]
+    assert not (run / "adapter_model.safetensors").exists()
+    stopped_at = int(complete_checkpoints(run)[-1].name.split("-")[1])
+    assert 10 <= stopped_at < 30
+
+    out, err = torchrun(football, run, "--resume", "auto").communicate(timeout=600)
+    a, b = (
+        load_file(str(straight / "adapter_model.safetensors")),
+        load_file(str(run / "adapter_model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), err[-3000:]
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (straight, run)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6

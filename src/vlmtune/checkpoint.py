@@ -3,7 +3,7 @@
     RUN_DIR/checkpoints/step-00000120/
       trainable.safetensors   the parameters that train (LoRA, and modules_to_save): not the frozen base
       optimizer.pt, scheduler.pt, scaler.pt (fp16 only)
-      rng.pt                  python, numpy, torch and CUDA generator states
+      rng.pt                  python, numpy, torch and CUDA generator states (rng.N.pt: process N's)
       state.json              step, epoch, batches consumed in that epoch, samples seen, the loss window;
                               written last, so a directory without it is incomplete and ignored
 
@@ -73,9 +73,26 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random generators: python, numpy, torch and (where there is one) CUDA."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_checkpoint(
-    run: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, state: LoopState, keep: int
+    run: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    state: LoopState,
+    keep: int,
+    rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """A checkpoint directory for `state`. `rngs` holds what differs by process, in rank order: random
+    generators, and the losses since the last log line under "window" (default: this process's generators)."""
     root = checkpoint_dir(run)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
@@ -87,10 +104,8 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    for rank, rng in enumerate(rngs or [rng_state()]):  # rng.pt, then rng.1.pt, ... for other processes
+        torch.save(rng, tmp / ("rng.pt" if rank == 0 else f"rng.{rank}.pt"))
     (tmp / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the checkpoint complete
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -99,7 +114,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> LoopState:
+def load_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, rank: int = 0
+) -> LoopState:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
@@ -115,13 +132,17 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scal
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    own = path / f"rng.{rank}.pt"  # each process resumes with its own generators (dropout differs by rank)
+    rng = torch.load(own if rank and own.exists() else path / "rng.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return LoopState(**json.loads((path / "state.json").read_text()))
+    state = LoopState(**json.loads((path / "state.json").read_text()))
+    if "window" in rng:  # this process's losses since the last log line (state.json holds the main one's)
+        state.window = rng["window"]
+    return state
 
 
 def truncate_logs(run: Path, step: int) -> None:

@@ -24,6 +24,7 @@ from .checkpoint import (
     complete_checkpoints,
     load_checkpoint,
     resolve_resume,
+    rng_state,
     save_checkpoint,
     truncate_logs,
 )
@@ -119,7 +120,12 @@ def train(cfg: TrainConfig) -> Path:
     state = LoopState()
     if resume_from is not None:
         state = load_checkpoint(
-            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+            resume_from,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            accelerator.scaler,
+            accelerator.process_index,
         )
         truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
         accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
@@ -487,10 +493,11 @@ class _Session:
                         self.validate(data.val_loader, data.val_examples, state, bar)
                     if cfg.save_every and state.step % cfg.save_every == 0:
                         self.save(state)
-                    if stop.requested:
+                    if self.stop_requested(stop):
                         path = self.save(state)
                         raise TrainingStopped(
-                            f"stopped by {stop.requested} at step {state.step}; checkpoint {path}.\n"
+                            f"stopped by {stop.requested or 'a signal to another process'} at step {state.step}; "
+                            f"checkpoint {path}.\n"
                             f"Resume with the same command plus --resume auto.",
                             130,
                         )
@@ -592,6 +599,14 @@ class _Session:
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
             self.show_samples(state.step, bar)
 
+    def stop_requested(self, stop: _StopOnSignal) -> bool:
+        """Whether any process got a stop signal: all must stop at the same step, or the others would wait
+        forever for the next gradient exchange."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested is not None
+        flag = torch.tensor([stop.requested is not None], dtype=torch.int32, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item())
+
     def mean_loss(self, window: list[float]) -> float | None:
         """The mean of the losses since the last log line, over every process (None if there are none)."""
         total = torch.tensor([sum(window), len(window)], dtype=torch.float64, device=self.accelerator.device)
@@ -600,7 +615,13 @@ class _Session:
         return float(total[0] / total[1]) if total[1] else None
 
     def save(self, state: LoopState) -> Path | None:
-        """A checkpoint of `state` in RUN_DIR/checkpoints (the main process writes it)."""
+        """A checkpoint of `state` in RUN_DIR/checkpoints. Every process calls it at the same step: the main
+        process writes the checkpoint, with every process's random generators and unlogged losses."""
+        rngs = [{**rng_state(), "window": list(state.window)}]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rngs = gather_object(rngs)  # in rank order
         if not self.accelerator.is_main_process:
             return None
         model = self.accelerator.unwrap_model(self.model)
@@ -612,6 +633,7 @@ class _Session:
             self.accelerator.scaler,
             state,
             self.cfg.keep,
+            rngs,
         )
 
     def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
