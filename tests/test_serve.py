@@ -317,3 +317,10 @@ def test_sampling_settings_split_batches():
     assert Sampling().generate_kwargs() == {"do_sample": False}
     assert Sampling(0.7, 0.9).generate_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
     assert len({Sampling(), Sampling(0.0, 1.0), Sampling(0.7)}) == 2
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VLMTUNE_API_KEY", "from-env")
+    with TestClient(build(ServeConfig(model="tiny"))) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
