@@ -69,4 +69,8 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     result = compare(str(run), test)
     _print_table(result)
     (Path(run) / "demo_comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"\nnext: vlmtune evaluate --run {run} --data {data} --compare base   (COCO metrics, report.html)\n"
+        f"      vlmtune serve --run {run}   (an OpenAI-style API and a page at http://127.0.0.1:8000/)"
+    )
     return result
