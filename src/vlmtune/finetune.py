@@ -686,16 +686,14 @@ class _Session:
         save_atomically(best, write)
 
     def generate(self, inner: Any, examples: list[dict[str, Any]]) -> list[str]:
-        batch = self.family.encode(
+        batch = self.family.generation_inputs(
             self.processor,
             [x["image"] for x in examples],
             [x["prompt"] for x in examples],
-            None,
+            self.accelerator.device,
+            self.dtype,
             max_length=self.cfg.max_length,
-            padding_side="left",
         )
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
         with self.accelerator.autocast():
             return self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)

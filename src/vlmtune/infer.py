@@ -52,16 +52,13 @@ class Captioner:
         kwargs.setdefault("max_new_tokens", 40)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            batch = self.family.encode(
+            batch = self.family.generation_inputs(
                 self.processor,
                 images[i : i + batch_size],
                 prompts[i : i + batch_size],
-                None,
-                max_length=512,
-                padding_side="left",
+                self.device,
+                self.dtype,
             )
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
             out += self.family.generate(self.model, self.processor, batch, **kwargs)
         return out
 

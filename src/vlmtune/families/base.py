@@ -56,6 +56,21 @@ class Family(ABC):
     ) -> dict[str, torch.Tensor]:
         """Model inputs for a batch; with `targets`, also `labels` masked to the target tokens alone."""
 
+    def generation_inputs(
+        self,
+        processor: Any,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_length: int = 512,
+    ) -> dict[str, torch.Tensor]:
+        """`encode` without targets, as `generate` takes it: left-padded, on `device`, pixels in `dtype`."""
+        batch = self.encode(processor, images, prompts, None, max_length=max_length, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        return batch
+
     def encode_text(
         self,
         processor: Any,

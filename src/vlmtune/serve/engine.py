@@ -175,12 +175,10 @@ class Engine:
         if len({(j.adapter, j.sampling) for j in jobs}) != 1:
             raise ValueError("one batch takes one adapter and one sampling setting")
         fam, proc = self.family, self.processor
-        batch = fam.encode(
-            proc, [j.image for j in jobs], [j.prompt for j in jobs], None, max_length=512, padding_side="left"
+        batch = fam.generation_inputs(
+            proc, [j.image for j in jobs], [j.prompt for j in jobs], self.device, self.dtype
         )
         prompt_tokens = batch["attention_mask"].sum(1).tolist()
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         limits = [j.max_tokens for j in jobs]
         kwargs: dict[str, Any] = {
             "max_new_tokens": max(limits),
