@@ -231,3 +231,13 @@ def test_load_script_runs_clean():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "errors: 0" in out.stdout and "batching on/off at 4 clients:" in out.stdout
     assert out.stdout.count("|      0 |") == 3  # every row: zero errors
+
+
+@pytest.mark.slow
+def test_runs_on_another_base_are_refused_before_loading(demo_run, tmp_path):
+    from vlmtune.modeling import base_of_runs
+    from vlmtune.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match="different base models") as e:
+        base_of_runs({"a0": demo_run}, model=str(tmp_path))
+    assert demo_run in str(e.value) and str(tmp_path) in str(e.value)

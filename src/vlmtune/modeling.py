@@ -153,23 +153,52 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def base_of_runs(runs: dict[str, str], model: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The one base model of `runs` (and of `model`, when given), resolved, and each run's recorded config.
+    Reads configs only, so a mismatch fails before any weights load."""
+    from .rundir import RunDirError, read_run
+
+    infos = {name: read_run(path) for name, path in runs.items()}
+    bases = {resolve_model(info["base_model"]) for info in infos.values()}
+    if model is not None:
+        bases.add(resolve_model(model))
+    if len(bases) > 1:
+        listed = "; ".join(f"{runs[n]}: {i['base_model']}" for n, i in infos.items())
+        raise RunDirError(
+            f"the runs were trained on different base models ({listed}"
+            f"{'; --model: ' + model if model else ''}); one model can only carry adapters of its own base"
+        )
+    return bases.pop(), infos
+
+
+def load_with_adapters(
+    base: str, runs: dict[str, str], dtype: str = "auto", device: torch.device | None = None
+) -> tuple[Any, Any, Family]:
+    """`base` with each run's LoRA adapter loaded under its key as the peft adapter name (a bare base model
+    when there are none), in eval mode; the processor is the first run's, the one its training used (it may
+    differ from a later revision of the base's)."""
+    model, processor, family = load_base(base, dtype, device=device)
+    if not runs:
+        return model, processor, family
+    from peft import PeftModel
+
+    for i, (name, path) in enumerate(runs.items()):
+        with _peft_quietly():
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+    model.eval()
+    return model, load_processor(str(Path(next(iter(runs.values()))).resolve())), family
+
+
 def load_for_inference(
     run: str | None, model: str | None, dtype: str = "auto", device: torch.device | None = None
 ) -> tuple[Any, Any, Family, dict[str, Any]]:
     """(model, processor, family, run config) from a run directory or a base model alone."""
-    from .rundir import read_run
-
     if (run is None) == (model is None):
         raise ValueError("give exactly one of --run RUN_DIR or --model MODEL")
-    if model is not None:
-        base, processor, family = load_base(model, dtype, device=device)
-        return base, processor, family, {}
-    info = read_run(run)
-    base, _, family = load_base(info["base_model"], dtype, device=device)
-    from peft import PeftModel
-
-    with _peft_quietly():
-        peft_model = PeftModel.from_pretrained(base, run)
-    peft_model.eval()
-    # The run's processor is the one training used (it may differ from a later revision of the base's).
-    return peft_model, load_processor(str(Path(run).resolve())), family, info
+    runs = {"default": run} if run is not None else {}  # "default": peft's own name for a lone adapter
+    base, infos = base_of_runs(runs, model)
+    loaded, processor, family = load_with_adapters(base, runs, dtype, device)
+    return loaded, processor, family, infos.get("default", {})

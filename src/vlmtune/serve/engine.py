@@ -23,17 +23,7 @@ import torch
 from PIL import Image
 
 from ..families import Family
-from ..modeling import (
-    TINY,
-    TINY_PATH,
-    _peft_quietly,
-    default_device,
-    load_base,
-    load_processor,
-    pick_dtype,
-    resolve_model,
-)
-from ..rundir import RunDirError, read_run
+from ..modeling import TINY, TINY_PATH, base_of_runs, default_device, load_with_adapters, pick_dtype
 
 BASE = "__base__"  # the bare base model, no adapter
 
@@ -120,37 +110,18 @@ class Engine:
     def load(cls, runs: dict[str, str], model: str | None, dtype: str = "auto") -> Engine:
         """The base (from `model`, or the runs' recorded base) with every run's adapter loaded into it."""
         device = default_device()
-        infos = {name: read_run(path) for name, path in runs.items()}
-        bases = {resolve_model(info["base_model"]) for info in infos.values()}
-        if model is not None:
-            bases.add(resolve_model(model))
-        if len(bases) > 1:
-            listed = "; ".join(f"{n}: {i['base_model']}" for n, i in infos.items())
-            raise RunDirError(
-                f"the runs must share one base model to be served together, but they do not ({listed}"
-                f"{'; --model: ' + model if model else ''}); start one server per base"
-            )
-        base_path = bases.pop()
+        # peft adapter names become module keys (no dots allowed), so clients' names map to a0, a1, ...
+        keys = {f"a{i}": name for i, name in enumerate(runs)}
+        by_key = {key: runs[name] for key, name in keys.items()}
+        base_path, infos = base_of_runs(by_key, model)
         base_name = model or (TINY if Path(base_path) == TINY_PATH.resolve() else base_path)
         if base_name in runs:
             raise ValueError(f"--run name {base_name!r} is the base model's name; pick another")
-        base, _, family = load_base(base_path, dtype, device=device)
-        adapters = [Adapter(base_name, BASE, "", base_path)]
-        if runs:
-            from peft import PeftModel
-
-            # peft adapter names become module keys (no dots allowed), so clients' names map to a0, a1, ...
-            for i, (name, path) in enumerate(runs.items()):
-                with _peft_quietly():
-                    if i == 0:
-                        base = PeftModel.from_pretrained(base, path, adapter_name=f"a{i}")
-                    else:
-                        base.load_adapter(path, adapter_name=f"a{i}")
-                prompt = infos[name].get("config", {}).get("prompt", "")
-                adapters.append(Adapter(name, f"a{i}", prompt, str(path)))
-            base.eval()
-        # A run's processor is the one its training used; runs on one base share it.
-        processor = load_processor(str(Path(next(iter(runs.values()))).resolve()) if runs else base_path)
+        base, processor, family = load_with_adapters(base_path, by_key, dtype, device)
+        adapters = [Adapter(base_name, BASE, "", base_path)] + [
+            Adapter(name, key, infos[key].get("config", {}).get("prompt", ""), str(by_key[key]))
+            for key, name in keys.items()
+        ]
         return cls(base, processor, family, adapters, device=device, dtype=pick_dtype(dtype, device))
 
     def adapter(self, name: str | None) -> Adapter:
