@@ -152,11 +152,13 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
         raise DataError(f"cannot read dataset {path}: {e}") from e
     if not streaming:
         return loaded
+
+    def stream(ds: Any) -> Any:  # shards are what DataLoader workers split between them
+        return ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
+
     if isinstance(loaded, datasets.Dataset):
-        return loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded))))
-    return datasets.IterableDatasetDict(
-        {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v)))) for k, v in loaded.items()}
-    )
+        return stream(loaded)
+    return datasets.IterableDatasetDict({k: stream(v) for k, v in loaded.items()})
 
 
 def _unreachable(source: str, err: Exception) -> DataError:
