@@ -56,7 +56,18 @@ def torchrun(football, run, *extra):
         "3",
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The run's stderr once it ends; a run that hangs is killed with its workers and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        pytest.fail(f"the two-process run did not end within {timeout:g} s:\n{proc.communicate()[1][-3000:]}")
 
 
 def workers(pid: int) -> list[int]:
@@ -66,7 +77,7 @@ def workers(pid: int) -> list[int]:
 
 def test_two_processes_split_each_epoch(football, tmp_path):
     run = tmp_path / "ddp"
-    out, err = torchrun(football, run, "--lora-dropout", "0", "--save-every", "0").communicate(timeout=600)
+    err = finish(torchrun(football, run, "--lora-dropout", "0", "--save-every", "0"))
     assert (run / "adapter_model.safetensors").exists(), err[-3000:]
 
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
@@ -109,7 +120,7 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     from vlmtune.checkpoint import complete_checkpoints
 
     straight = tmp_path / "straight"
-    out, err = torchrun(football, straight).communicate(timeout=600)
+    err = finish(torchrun(football, straight))
     assert (straight / "adapter_model.safetensors").exists(), err[-3000:]
 
     run = tmp_path / "stopped"
@@ -119,13 +130,13 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     os.kill(workers(proc.pid)[-1], signal.SIGTERM)  # the other process learns of it at the next step
-    out, err = proc.communicate(timeout=300)
+    err = finish(proc)
     assert proc.returncode != 0 and "SIGTERM: finishing this step" in err, err[-3000:]
     assert not (run / "adapter_model.safetensors").exists()
     stopped_at = int(complete_checkpoints(run)[-1].name.split("-")[1])
     assert 10 <= stopped_at < 30
 
-    out, err = torchrun(football, run, "--resume", "auto").communicate(timeout=600)
+    err = finish(torchrun(football, run, "--resume", "auto"))
     a, b = (
         load_file(str(straight / "adapter_model.safetensors")),
         load_file(str(run / "adapter_model.safetensors")),

@@ -168,6 +168,8 @@ def train(cfg: TrainConfig) -> Path:
             processor.save_pretrained(tmp)
 
         save_atomically(run, write)
+    # Every process returns once the adapter is written, and they take the process group down together.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"run directory: {run}")
     return run
@@ -622,19 +624,22 @@ class _Session:
             from accelerate.utils import gather_object
 
             rngs = gather_object(rngs)  # in rank order
-        if not self.accelerator.is_main_process:
-            return None
-        model = self.accelerator.unwrap_model(self.model)
-        return save_checkpoint(
-            Path(self.cfg.output),
-            model,
-            self.optimizer,
-            self.scheduler,
-            self.accelerator.scaler,
-            state,
-            self.cfg.keep,
-            rngs,
-        )
+        path = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(
+                Path(self.cfg.output),
+                self.accelerator.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                self.accelerator.scaler,
+                state,
+                self.cfg.keep,
+                rngs,
+            )
+        # No process goes on before the checkpoint is written: after a stop signal the others would exit, and
+        # the launcher ends the whole group when one process exits, the writer with it.
+        self.accelerator.wait_for_everyone()
+        return path
 
     def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
         """Validation loss (and caption metrics with --eval-metrics); the best adapter so far to RUN_DIR/best."""
