@@ -170,6 +170,12 @@ def train(cfg: TrainConfig) -> Path:
         save_atomically(run, write)
     # Every process returns once the adapter is written, and they take the process group down together.
     accelerator.wait_for_everyone()
+    # The DDP wrapper goes before the process group. Its reducer holds the group too, and had it dropped the
+    # last reference, the group's destructor would join gloo's threads while holding the GIL, which one of them
+    # may still need to free a tensor of the last collective: a hang at exit (1 run in ~30, seen in CI).
+    # Destroyed through its own Python handle, the group releases the GIL first.
+    del model, session, optimizer, scheduler
+    accelerator.free_memory()
     accelerator.end_training()
     accelerator.print(f"run directory: {run}")
     return run
