@@ -65,6 +65,15 @@ def wait_for_checkpoint(run: Path, step: int, proc, timeout=240):
     raise TimeoutError(f"no checkpoint at step {step} in {run}")
 
 
+def tensorboard_scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard shows it, every events file of the directory read."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def adapter(run):
     return load_file(str(Path(run) / "adapter_model.safetensors"))
 
@@ -116,6 +125,32 @@ def test_sigint_checkpoints_and_says_how_to_resume(football, uninterrupted, tmp_
     assert subprocess.run(cli(football, run, "--resume", "auto"), capture_output=True).returncode == 0
     a, b = adapter(uninterrupted), adapter(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(football, tmp_path, monkeypatch):
+    """A run dies after TensorBoard wrote steps past its last checkpoint; resumed, it shows each step once."""
+    settings = dict(model="tiny", data=football, output=str(tmp_path / "run"), batch_size=4, max_steps=40)
+    settings |= dict(save_every=20, log_every=1, sample_every=0, num_samples=0, lr=3e-3)
+    after_step = finetune._Session.after_step
+
+    def dies_at_step_35(self, state, *args, **kwargs):
+        after_step(self, state, *args, **kwargs)
+        if state.step == 35:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(finetune._Session, "after_step", dies_at_step_35)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune.train(TrainConfig(**settings))
+    monkeypatch.undo()
+    logdir = tmp_path / "run" / "tensorboard"
+    # TensorBoard writes events in tens: the dead run's reached disk up to step 30, past its checkpoint at 20.
+    assert max(step for step, _ in tensorboard_scalars(logdir, "train/loss")) > 20
+
+    finetune.train(TrainConfig(**settings, resume="auto"))
+    shown = tensorboard_scalars(logdir, "train/loss")
+    assert [step for step, _ in shown] == list(range(1, 41))
+    logged = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [v for _, v in shown] == pytest.approx(logged)  # the resumed run's values, as in metrics.jsonl
 
 
 def poison(monkeypatch, which):

@@ -130,7 +130,9 @@ def train(cfg: TrainConfig) -> Path:
         truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
         accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
     write_run_config(run, cfg, resolve_model(cfg.model), family.name, str(accelerator.device))
-    accelerator.init_trackers("tensorboard")
+    # A resumed run does again the steps after its checkpoint: TensorBoard drops what it logged for them before.
+    purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else {}
+    accelerator.init_trackers("tensorboard", init_kwargs=purge)
     session = _Session(
         accelerator,
         model,
@@ -642,6 +644,9 @@ class _Session:
                 self.cfg.keep,
                 rngs,
             )
+            # TensorBoard buffers its events: they are made as durable as the checkpoint, so a run killed
+            # after it shows no gap once resumed.
+            self.accelerator.get_tracker("tensorboard", unwrap=True).flush()
         # No process goes on before the checkpoint is written: after a stop signal the others would exit, and
         # the launcher ends the whole group when one process exits, the writer with it.
         self.accelerator.wait_for_everyone()
