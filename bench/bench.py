@@ -4,9 +4,11 @@
     python bench/bench.py --size real           # BLIP-2 OPT-2.7B dimensions, on a GPU (bench/gpu.sh)
 
 Both sides get the same model (random weights from a Blip2Config: no download), the same drawn football images
-and captions, the same epochs and LoRA rank, and on the CPU the same batch size. Each measurement runs in a
-subprocess of its own, so peak memory (RSS on the CPU, allocated CUDA memory on a GPU) is its own. Times exclude
-loading and saving the model; vlmtune's include its one-off image-feature cache. The table ends with one
+and captions (a `datasets` copy on disk, read as the seed reads its hub dataset; `--data memory` hands both
+plain rows), the same epochs and LoRA rank, and on the CPU the same batch size. Each measurement runs in a
+subprocess of its own, so peak memory (RSS on the CPU, allocated CUDA memory on a GPU) is its own; `work GiB`
+is the peak above what was held when the timed part began. Times exclude loading and saving the model;
+vlmtune's include its one-off image-feature cache. The table ends with one
 `name: ratio x` line per comparison (vlmtune's samples/s over the seed's).
 
 The CPU proxy keeps BLIP-2's shape at a size 2 cores can train: 224-pixel images in 14-pixel patches
@@ -140,6 +142,12 @@ def rows(n: int, seed: int) -> list[dict]:
     return [{"image": e.image, "text": e.text} for e in examples("football", n, seed)]
 
 
+def memory_now(device: str) -> float:
+    from seed_recipe import memory_now
+
+    return memory_now(device)
+
+
 def peak_memory(device: str) -> float:
     """GiB: the most CUDA memory allocated, or this process's peak resident set on the CPU."""
     if device == "cuda":
@@ -154,9 +162,14 @@ def one(args: argparse.Namespace) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() if device == "cuda" else torch.get_num_threads())
-    train_rows = rows(args.images, 0)
     out = tempfile.mkdtemp()
     if args.one == "seed-train":
+        if args.data_dir:  # the seed's load_dataset(..., split="train"), from the local copy
+            import datasets
+
+            train_rows = datasets.load_from_disk(args.data_dir)["train"]
+        else:
+            train_rows = rows(args.images, 0)
         r = seed_recipe.train(
             args.model_dir, train_rows, out, device, args.seed_epochs or args.epochs, args.batch_size
         )
@@ -165,11 +178,20 @@ def one(args: argparse.Namespace) -> dict:
         from vlmtune.config import TrainConfig
         from vlmtune.rundir import read_jsonl
 
-        # The same in-memory rows the seed gets (and no `datasets` needed on a bare GPU machine).
-        finetune.load_splits = lambda *a, **k: (train_rows, None)
+        if not args.data_dir:  # the same in-memory rows the seed gets, with no `datasets` installed
+            train_rows = rows(args.images, 0)
+            finetune.load_splits = lambda *a, **k: (train_rows, None)
+        # The memory in use once the model is loaded and the data read, as the seed's loop starts with it.
+        before, batches = {}, finetune._batches
+
+        def measured_batches(*a, **k):
+            before["gib"] = memory_now(device)
+            return batches(*a, **k)
+
+        finetune._batches = measured_batches
         cfg = TrainConfig(
             model=args.model_dir,
-            data="(bench rows)",
+            data=args.data_dir or "(bench rows)",
             output=out,
             epochs=args.epochs,
             batch_size=args.vlmtune_batch_size or args.batch_size,
@@ -186,6 +208,7 @@ def one(args: argparse.Namespace) -> dict:
             "seconds": done["cache_s"] + done["loop_s"],
             "cache_s": done["cache_s"],
             "batch_size": cfg.batch_size,
+            "memory_before": before["gib"],
         }
         r.update(bench_flops.utilisation(args.model_dir, r, args.epochs, device))
     elif args.one == "seed-caption":
@@ -201,7 +224,7 @@ def one(args: argparse.Namespace) -> dict:
         )
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, memory_before = time.perf_counter(), memory_now(device)
         captioner.caption(images, batch_size=args.caption_batch_size, max_new_tokens=20, min_new_tokens=20)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -209,8 +232,11 @@ def one(args: argparse.Namespace) -> dict:
             "samples": len(images),
             "seconds": time.perf_counter() - start,
             "batch_size": args.caption_batch_size,
+            "memory_before": memory_before,
         }
     r["peak_gib"] = peak_memory(device)
+    # What the work itself took above the loaded model, libraries and data (which dominate a tiny proxy).
+    r["work_gib"] = r["peak_gib"] - r.pop("memory_before")
     r["samples_per_s"] = r["samples"] / r["seconds"]
     return r
 
@@ -239,6 +265,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         str(args.seed_epochs),
         "--seed-caption-images",
         str(args.seed_caption_images),
+        "--data-dir",
+        args.data_dir,
     ]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -259,14 +287,15 @@ def table(results: dict, args: argparse.Namespace) -> str:
         f"machine: {machine()}; model: {args.size}; {args.images} images x {args.epochs} epochs; "
         f"captioning {args.caption_images} images, 20 new tokens each",
         "",
-        f"| {'run':22} | {'batch':>5} | {'samples/s':>10} | {'peak GiB':>8} | {'MFU':>6} |",
-        f"|{'-' * 24}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 8}|",
+        f"| {'run':22} | {'batch':>5} | {'samples/s':>10} | {'peak GiB':>8} | {'work GiB':>8} | {'MFU':>6} |",
+        f"|{'-' * 24}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|",
     ]
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
         batch = {"seed-train": args.batch_size, "seed-caption": 1}.get(name, r.get("batch_size", ""))
         lines.append(
-            f"| {name:22} | {batch:>5} | {r['samples_per_s']:>10.2f} | {r['peak_gib']:>8.2f} | {mfu:>6} |"
+            f"| {name:22} | {batch:>5} | {r['samples_per_s']:>10.2f} | {r['peak_gib']:>8.2f} "
+            f"| {r['work_gib']:>8.3f} | {mfu:>6} |"
         )
     lines.append("")
     for task, ours in (
@@ -305,9 +334,16 @@ def main() -> None:
         default=["seed-train", "vlmtune-train", "seed-caption", "vlmtune-caption"],
         help="measurements to make; vlmtune-train-compiled adds training with --compile",
     )
+    ap.add_argument(
+        "--data",
+        choices=("disk", "memory"),
+        default="disk",
+        help="disk: both read a `datasets` copy, as the seed does; memory: plain rows (no `datasets` installed)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args)))
@@ -315,6 +351,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = str(Path(tmp) / f"blip2-{args.size}")
         build_model(args.size, Path(args.model_dir))
+        if args.data == "disk":
+            from vlmtune.synthetic import write_football_dataset
+
+            args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (args.images, 0)}))
         results = {name: measure(name, args) for name in args.only}
     text = table(results, args)
     print(text)
