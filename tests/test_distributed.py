@@ -144,3 +144,24 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), err[-3000:]
     losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (straight, run)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
+    """Each of two processes runs half the images through the vision side, and both end with the whole
+    cache, equal to what one process computes alone (in memory, and spilled to a file per process)."""
+    worker = [str(Path(__file__).parent / "cache_worker.py"), football]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    alone.mkdir(), shared.mkdir()
+    subprocess.run([sys.executable, *worker, str(alone), where], check=True, env=env, capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*launch, *worker, str(shared), where], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    reference = torch.load(alone / "rank0.pt", weights_only=False)
+    ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
+    for r in ranks:
+        assert r["kind"].__name__ == ("DiskFeatures" if where == "disk" else "Tensor")
+        torch.testing.assert_close(r["features"], reference["features"], rtol=1e-5, atol=1e-6)

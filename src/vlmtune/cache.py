@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .families import Family
@@ -21,6 +21,8 @@ from .families import Family
 # HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
 ON_DEVICE_LIMIT = 2 * 2**30
 HOST_LIMIT = 8 * 2**30
+# Processes exchange their shares of the cache in pieces of at most this much each.
+EXCHANGE_BYTES = 256 * 2**20
 # numpy has no bfloat16: rows are stored as raw 16-bit words and viewed back as the torch dtype.
 _AS_STORED = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 
@@ -74,34 +76,87 @@ def build_feature_cache(
     """Features for every example, in order: (N, num_query_tokens, d_lm).
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.
+    With several processes each computes an equal, contiguous share and the shares are exchanged, so the pass
+    takes 1/world of the time and every process ends up holding the whole cache (any process may draw any
+    example in a later epoch).
     """
-    loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    n, world, rank = len(examples), accelerator.num_processes, accelerator.process_index
+    bounds = [i * n // world for i in range(world + 1)]
+    share = range(bounds[rank], bounds[rank + 1])
+    # A process with no share (fewer examples than processes) still runs one batch, to learn the row shape.
+    loader = DataLoader(
+        Subset(examples, share or range(min(1, n))),
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+    )
     was_training = model.training
     model.eval()
-    parts: list[torch.Tensor] = []
-    disk: DiskFeatures | None = None
-    done = 0
-    bar = tqdm(
-        loader, desc="caching image features", unit="batch", disable=not accelerator.is_local_main_process
-    )
-    for batch in bar:
+    store: _Store | None = None
+    done = share.start
+    desc = "caching image features" + (f" ({len(share)} of {n} in this process)" if world > 1 else "")
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device, dtype)
         with accelerator.autocast():
             rows = family.image_features(model, pixels).to(dtype)
-        total = rows[0].numel() * rows.element_size() * len(examples)
-        if done == 0 and spill_dir is not None and total > HOST_LIMIT:
-            # One file per process: under `accelerate launch` every process holds the whole cache.
-            path = spill_dir / f"feature_cache.{accelerator.process_index}.npy"
-            disk = DiskFeatures(path, (len(examples), *rows.shape[1:]), dtype)
-        if disk is not None:
-            disk.write(done, rows)
-        else:
-            parts.append(rows)
-        done += len(rows)
+        if store is None:
+            store = _Store(n, rows.shape[1:], dtype, accelerator, spill_dir)
+        if share:
+            store.write(done, rows)
+            done += len(rows)
     model.train(was_training)
-    if disk is not None:
-        return disk
-    features = torch.cat(parts)
-    if features.numel() * features.element_size() > ON_DEVICE_LIMIT:
-        return features.cpu().pin_memory() if features.is_cuda else features.cpu()
-    return features
+    if store is None:  # no examples at all
+        raise ValueError("no examples to cache image features for")
+    if world > 1:
+        store.exchange(bounds, accelerator)
+    return store.features
+
+
+class _Store:
+    """Where the cache is built: on the accelerator when small, in host memory when larger, and beyond
+    HOST_LIMIT in a memory-mapped file, one per process (each process holds the whole cache)."""
+
+    def __init__(
+        self, n: int, shape: torch.Size, dtype: torch.dtype, accelerator: Any, spill_dir: Path | None
+    ):
+        self.dtype = dtype
+        total = n * shape.numel() * torch.empty(0, dtype=dtype).element_size()
+        self.features: torch.Tensor | DiskFeatures
+        if spill_dir is not None and total > HOST_LIMIT:
+            path = spill_dir / f"feature_cache.{accelerator.process_index}.npy"
+            self.features = DiskFeatures(path, (n, *shape), dtype)
+        elif total > ON_DEVICE_LIMIT:
+            on_gpu = accelerator.device.type == "cuda"
+            self.features = torch.empty((n, *shape), dtype=dtype, pin_memory=on_gpu)
+        else:
+            self.features = torch.empty((n, *shape), dtype=dtype, device=accelerator.device)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        if isinstance(self.features, DiskFeatures):
+            self.features.write(start, rows)
+        else:
+            self.features[start : start + len(rows)] = rows
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.features[torch.arange(start, stop)]
+
+    def exchange(self, bounds: list[int], accelerator: Any) -> None:
+        """Every process's share to every process, in rounds of at most EXCHANGE_BYTES per process."""
+        from accelerate.utils import gather
+
+        rank, world = accelerator.process_index, len(bounds) - 1
+        lengths = [bounds[i + 1] - bounds[i] for i in range(world)]
+        row = self.features[torch.tensor([0])]
+        chunk = max(1, EXCHANGE_BYTES // (row.numel() * row.element_size()))
+        wire = _AS_STORED[self.dtype]  # bf16 travels as raw 16-bit words, which every backend can gather
+        for k in range(0, max(lengths), chunk):
+            mine = self.read(
+                bounds[rank] + min(k, lengths[rank]), bounds[rank] + min(k + chunk, lengths[rank])
+            )
+            padded = mine.new_zeros((chunk, *row.shape[1:]))
+            padded[: len(mine)] = mine
+            everyone = gather(padded.view(wire).to(accelerator.device)).view(self.dtype)
+            for i in range(world):
+                got = max(0, min(chunk, lengths[i] - k))
+                if i != rank and got:
+                    self.write(bounds[i] + k, everyone[i * chunk : i * chunk + got])

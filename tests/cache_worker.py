@@ -1,0 +1,45 @@
+"""One process of the shared feature-cache test (tests/test_distributed.py), started by torchrun, or alone for
+the reference: builds the image-feature cache of a dataset's train split with the tiny base and saves it, with
+the number of images this process itself ran through the vision side, as OUT_DIR/rank{N}.pt."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import vlmtune.cache as cache
+from vlmtune.data import CaptionExamples, Collator, load_splits
+from vlmtune.families import family_for
+from vlmtune.modeling import TINY_PATH
+
+
+def main(data: str, out_dir: str, where: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    model = AutoModelForImageTextToText.from_pretrained(TINY_PATH)
+    processor = AutoProcessor.from_pretrained(TINY_PATH)
+    family = family_for(model.config)
+    seen = []
+    image_features = family.image_features
+    family.image_features = lambda m, pixels: seen.append(len(pixels)) or image_features(m, pixels)
+    if where == "disk":
+        cache.HOST_LIMIT = 0  # as if the features were too big for RAM
+    cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised
+    train_set, _ = load_splits(data)
+    features = cache.build_feature_cache(
+        model,
+        family,
+        Collator(family, processor, 48),
+        CaptionExamples(train_set, per_image=True),
+        dtype=torch.float32,
+        accelerator=accelerator,
+        batch_size=8,
+        spill_dir=Path(out_dir),
+    )
+    result = {"features": features[torch.arange(len(features))], "images": sum(seen), "kind": type(features)}
+    torch.save(result, Path(out_dir) / f"rank{accelerator.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
