@@ -27,7 +27,9 @@ def test_benchmark_prints_the_table_and_ratios(tmp_path):
     assert sorted(rows) == sorted([(s, t) for s in ("seed", "vlmtune") for t in ("train", "caption")])
     assert re.search(r"^train: \d+\.\dx$", done.stdout, re.M)
     assert re.search(r"^caption: \d+\.\dx$", done.stdout, re.M)
+    assert re.search(r"^train, the seed's LoRA targets: \d+\.\dx$", done.stdout, re.M)
     results = json.loads(out.read_text())["results"]
     # One epoch of 4 images on each side; memory above the loaded model is a part of the peak.
-    assert results["seed-train"]["samples"] == results["vlmtune-train"]["samples"] == 4
+    trained = [results[k]["samples"] for k in ("seed-train", "vlmtune-train", "vlmtune-train-seed-lora")]
+    assert trained == [4, 4, 4]
     assert all(0 <= r["work_gib"] <= r["peak_gib"] for r in results.values())
