@@ -1,6 +1,7 @@
 """One process of the shared feature-cache test (tests/test_distributed.py), started by torchrun, or alone for
-the reference: builds the image-feature cache of a dataset's train split with the tiny base and saves it, with
-the number of images this process itself ran through the vision side, as OUT_DIR/rank{N}.pt."""
+the reference: builds the image-feature cache of a dataset's train split with the tiny base (`kept`: kept in a
+directory, then read back from it) and saves it, with the number of images this process itself ran through the
+vision side, as OUT_DIR/rank{N}.pt."""
 
 import sys
 from pathlib import Path
@@ -27,17 +28,17 @@ def main(data: str, out_dir: str, where: str) -> None:
         cache.HOST_LIMIT = 0  # as if the features were too big for RAM
     cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised
     train_set, _ = load_splits(data)
-    features = cache.build_feature_cache(
-        model,
-        family,
-        Collator(family, processor, 48),
-        CaptionExamples(train_set, per_image=True),
-        dtype=torch.float32,
-        accelerator=accelerator,
-        batch_size=8,
-        spill_dir=Path(out_dir),
-    )
-    result = {"features": features[torch.arange(len(features))], "images": sum(seen), "kind": type(features)}
+    args = (model, family, Collator(family, processor, 48), CaptionExamples(train_set, per_image=True))
+    settings = dict(dtype=torch.float32, accelerator=accelerator, batch_size=8, spill_dir=Path(out_dir))
+    if where == "kept":  # twice: computed together and kept, then read by every process
+        cache.kept_features(*args, keep_dir=Path(out_dir) / "kept", **settings)
+        images = sum(seen) - 1  # each call also runs the probe image that names the file
+        features, said = cache.kept_features(*args, keep_dir=Path(out_dir) / "kept", **settings)
+        assert sum(seen) == images + 2 and said.startswith("read from"), said
+    else:
+        features = cache.build_feature_cache(*args, **settings)
+        images = sum(seen)
+    result = {"features": features[torch.arange(len(features))], "images": images, "kind": type(features)}
     torch.save(result, Path(out_dir) / f"rank{accelerator.process_index}.pt")
 
 

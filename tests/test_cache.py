@@ -117,3 +117,78 @@ def test_disk_features_round_trip_bf16(tmp_path):
     store.write(0, rows[:2])
     store.write(2, rows[2:])
     assert torch.equal(store[torch.tensor([4, 0])], rows[[4, 0]])
+
+
+def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
+    football, tmp_path, monkeypatch, capsys
+):
+    """--feature-cache-dir: the first run computes and keeps the features, a second run (a sweep, a resume)
+    reads them without running the vision side and trains the same adapter; other data gets a file of its
+    own."""
+    import vlmtune.cache as cache
+
+    keep = tmp_path / "features"
+
+    def run(name, **extra):
+        cfg = TrainConfig(
+            model="tiny",
+            data=football,
+            output=str(tmp_path / name),
+            feature_cache_dir=str(keep),
+            max_steps=4,
+            batch_size=4,
+            lr=1e-2,
+            lora_dropout=0.0,
+            sample_every=0,
+            num_samples=0,
+            **extra,
+        )
+        return load_file(str(train(cfg) / "adapter_model.safetensors"))
+
+    first = run("first")
+    kept = list(keep.iterdir())
+    assert [p.suffix for p in kept] == [".npy"]  # one file, and no temporary left behind
+    assert f"image features: kept in {kept[0]}" in capsys.readouterr().out
+
+    def no_vision_pass(*args, **kwargs):
+        raise AssertionError("the vision side ran although its features were kept")
+
+    monkeypatch.setattr(cache, "build_feature_cache", no_vision_pass)
+    second = run("second")
+    assert f"image features: read from {kept[0]}" in capsys.readouterr().out
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    monkeypatch.undo()
+    run("held-out", val_fraction=0.25)  # a different selection of the data: different features
+    assert len(list(keep.iterdir())) == 2
+
+
+def test_the_store_key_follows_the_model_and_the_data(tiny, football):
+    """The name of kept features changes with the model's weights, the dtype and the data, and only then."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from vlmtune.cache import store_key
+    from vlmtune.data import CaptionExamples, Collator
+
+    model, processor, family = tiny
+    collate = Collator(family, processor, 48)
+    accelerator = SimpleNamespace(
+        num_processes=1, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False)
+    )
+    train_split = datasets.load_from_disk(football)["train"]
+    data = CaptionExamples(train_split, per_image=True)
+
+    def key(m=model, d=data, dtype=torch.float32):
+        return store_key(m, family, collate, d, dtype, accelerator)
+
+    assert key() == key()
+    assert key(d=CaptionExamples(train_split.select(range(10)), per_image=True)) != key()
+    half = AutoModelForImageTextToText.from_pretrained(model.name_or_path, dtype=torch.bfloat16).eval()
+    assert key(m=half, dtype=torch.bfloat16) != key()
+    changed = AutoModelForImageTextToText.from_pretrained(model.name_or_path).eval()
+    with torch.no_grad():
+        changed.vision_model.post_layernorm.bias.add_(0.01)
+    assert key(m=changed) != key()
+    assert key(d=CaptionExamples([{"image": None, "text": "x"}], per_image=True)) is None  # no fingerprint

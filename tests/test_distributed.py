@@ -146,10 +146,11 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-@pytest.mark.parametrize("where", ["memory", "disk"])
+@pytest.mark.parametrize("where", ["memory", "disk", "kept"])
 def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     """Each of two processes runs half the images through the vision side, and both end with the whole
-    cache, equal to what one process computes alone (in memory, and spilled to a file per process)."""
+    cache, equal to what one process computes alone (in memory, spilled to a file per process, and kept for
+    later runs, which both processes then read)."""
     worker = [str(Path(__file__).parent / "cache_worker.py"), football]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     alone, shared = tmp_path / "alone", tmp_path / "shared"
@@ -163,5 +164,5 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
     for r in ranks:
-        assert r["kind"].__name__ == ("DiskFeatures" if where == "disk" else "Tensor")
+        assert r["kind"].__name__ == {"disk": "DiskFeatures"}.get(where, "Tensor")
         torch.testing.assert_close(r["features"], reference["features"], rtol=1e-5, atol=1e-6)

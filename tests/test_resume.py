@@ -155,14 +155,16 @@ def test_tensorboard_shows_each_step_once_after_a_resume(football, tmp_path, mon
 
 def poison(monkeypatch, which):
     """Make the cached features of some images NaN, as a corrupt record or an fp16 overflow would."""
-    real = finetune.build_feature_cache
+    import vlmtune.cache as cache
+
+    real = cache.build_feature_cache
 
     def build(*args, **kwargs):
         features = real(*args, **kwargs)
         features[which] = float("nan")
         return features
 
-    monkeypatch.setattr(finetune, "build_feature_cache", build)
+    monkeypatch.setattr(cache, "build_feature_cache", build)
 
 
 def test_non_finite_steps_are_skipped_and_reported(football, tmp_path, monkeypatch, capsys):

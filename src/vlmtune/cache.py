@@ -7,11 +7,16 @@ language model receives in place of the image placeholders: (N, num_query_tokens
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -33,9 +38,16 @@ class DiskFeatures:
     device = torch.device("cpu")
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype):
-        self.dtype = dtype
+        self.path, self.dtype = path, dtype
         stored = torch.empty(0, dtype=_AS_STORED[dtype]).numpy().dtype
         self.array = np.lib.format.open_memmap(path, mode="w+", dtype=stored, shape=shape)
+
+    @classmethod
+    def open(cls, path: Path, dtype: torch.dtype) -> DiskFeatures:
+        """An existing file, read-only."""
+        store = cls.__new__(cls)
+        store.path, store.dtype, store.array = path, dtype, np.load(path, mmap_mode="r")
+        return store
 
     def write(self, start: int, rows: torch.Tensor) -> None:
         self.array[start : start + len(rows)] = rows.cpu().contiguous().view(_AS_STORED[self.dtype]).numpy()
@@ -58,6 +70,101 @@ def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[bool, str]:
     if not family.supports_feature_cache(model):
         return False, "this transformers version cannot take precomputed image features (needs >= 5.24)"
     return True, "vision side frozen: image features computed once and reused every epoch"
+
+
+def kept_features(
+    model: Any,
+    family: Family,
+    collate: Any,
+    examples: Any,
+    *,
+    dtype: torch.dtype,
+    accelerator: Any,
+    keep_dir: Path | None,
+    **build: Any,
+) -> tuple[torch.Tensor | DiskFeatures, str]:
+    """`build_feature_cache`, read from `keep_dir` when an earlier run on the same model and data left the
+    features there (and leaves them there for the next one otherwise). Returns (features, what happened, or
+    "" without a `keep_dir`)."""
+    key = store_key(model, family, collate, examples, dtype, accelerator) if keep_dir else None
+    if key is None:
+        why = "" if keep_dir is None else "not kept: the data has no `datasets` fingerprint to name them by"
+        return build_feature_cache(
+            model, family, collate, examples, dtype=dtype, accelerator=accelerator, **build
+        ), why
+    path = Path(keep_dir) / f"{key}.npy"
+    found = _readable(path, len(examples))
+    if accelerator.num_processes > 1:  # all read, or all compute together: the pass exchanges shares
+        flag = torch.tensor([int(found)], device=accelerator.device)
+        found = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
+    if found:
+        return _load(path, dtype, accelerator.device), f"read from {path}"
+    features = build_feature_cache(
+        model, family, collate, examples, dtype=dtype, accelerator=accelerator, **build
+    )
+    if accelerator.is_main_process:
+        _save(features, path, dtype)
+    return features, f"kept in {path}"
+
+
+@torch.no_grad()
+def store_key(
+    model: Any, family: Family, collate: Any, examples: Any, dtype: torch.dtype, accelerator: Any
+) -> str | None:
+    """A file name for the features of `examples` that changes with anything that changes them: the data
+    (its `datasets` fingerprint, which follows the files and every selection made from them) and the model,
+    processor and dtype (the features they give a fixed drawn probe image, bit for bit). None for data
+    without a fingerprint. Every process gets the main process's key."""
+    fingerprint = getattr(getattr(examples, "dataset", None), "_fingerprint", None)
+    if fingerprint is None:
+        return None
+    probe = Image.fromarray((np.indices((96, 128, 3)).sum(axis=0) * 37 % 256).astype(np.uint8))
+    batch = collate([{"image": probe, "prompt": "", "target": "a probe"}])
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast():
+        rows = family.image_features(model, batch["pixel_values"].to(accelerator.device, dtype)).to(dtype)
+    model.train(was_training)
+    digest = hashlib.sha256(rows.float().cpu().numpy().tobytes())
+    digest.update(json.dumps([fingerprint, len(examples), examples.image_column, str(dtype)]).encode())
+    key = [digest.hexdigest()[:32]]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(key)
+    return key[0]
+
+
+def _readable(path: Path, n: int) -> bool:
+    try:
+        return np.load(path, mmap_mode="r").shape[0] == n
+    except (OSError, ValueError):
+        return False
+
+
+def _load(path: Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor | DiskFeatures:
+    """Kept features where `build_feature_cache` would have put them: device, host memory or the file."""
+    stored = DiskFeatures.open(path, dtype)
+    size = stored.array.nbytes
+    if size > HOST_LIMIT:
+        return stored
+    features = torch.from_numpy(np.array(stored.array)).view(dtype)
+    if size > ON_DEVICE_LIMIT:
+        return features.pin_memory() if device.type == "cuda" else features
+    return features.to(device)
+
+
+def _save(features: torch.Tensor | DiskFeatures, path: Path, dtype: torch.dtype) -> None:
+    """Written to a temporary name and renamed: a run killed mid-write leaves no file to misread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if isinstance(features, DiskFeatures):
+        features.array.flush()
+        shutil.copyfile(features.path, tmp)
+    else:
+        with open(tmp, "wb") as f:
+            np.save(f, features.cpu().view(_AS_STORED[dtype]).numpy())
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

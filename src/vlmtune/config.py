@@ -102,6 +102,11 @@ class TrainConfig:
         "auto",
         "compute the frozen ViT + Q-Former output once per image and reuse it every epoch (auto: when frozen)",
     )
+    feature_cache_dir: str | None = opt(
+        None,
+        "keep the image features in this directory, named by the model and the data: a later run on the same "
+        "model and data (a resume, a sweep) reads them instead of running the vision side again",
+    )
     seed: int = opt(42, "seed for weights init, data order and dropout")
     num_workers: int = opt(0, "DataLoader worker processes decoding images")
     # evaluation during training (needs --val-split or --val-fraction)
@@ -373,9 +378,12 @@ def validate_train(cfg: TrainConfig) -> None:
             f"{out} already holds a trained adapter or checkpoints; pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another --output"
         )
-    parent = next((d for d in [out, *out.parents] if d.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        p.append(f"--output {out}: {parent} is not writable")
+    for flag, where in (("--output", out), ("--feature-cache-dir", cfg.feature_cache_dir)):
+        if where is None:
+            continue
+        parent = next((d for d in [Path(where), *Path(where).parents] if d.exists()), Path("."))
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            p.append(f"{flag} {where}: {parent} is not a writable directory")
     if p:
         raise ConfigError(p)
 

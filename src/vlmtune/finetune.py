@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .cache import build_feature_cache, wants_cache
+from .cache import kept_features, wants_cache
 from .checkpoint import (
     CHECKPOINTS,
     LoopState,
@@ -234,18 +234,21 @@ def _batches(
     accelerator.print(f"image feature cache: {'on' if use_cache else 'off'} ({why})")
     if use_cache:
         clock = time.perf_counter()
-        features = build_feature_cache(
+        features, kept = kept_features(
             model,
             family,
             collate,
             CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting, per_image=True),
             dtype=dtype,
             accelerator=accelerator,
+            keep_dir=Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else None,
             batch_size=4 * cfg.batch_size,
             num_workers=cfg.num_workers,
             spill_dir=run,
         )
         cache_s = time.perf_counter() - clock
+        if kept:
+            accelerator.print(f"image features: {kept}")
         train_items = examples.without_images()
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
