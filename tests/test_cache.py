@@ -12,6 +12,16 @@ from vlmtune.finetune import train
 from vlmtune.synthetic import examples
 
 
+def short_run(football, out, **extra):
+    """Four steps on the demo data, no dropout: runs that should agree do, bit for bit."""
+    settings = dict(max_steps=4, batch_size=4, lr=1e-2, lora_dropout=0.0, sample_every=0, num_samples=0)
+    return train(TrainConfig(model="tiny", data=football, output=str(out), **settings | extra))
+
+
+def adapter(run):
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
@@ -46,19 +56,7 @@ def test_loss_with_cached_features_equals_loss_without(tiny):
 
 def test_training_with_and_without_cache_gives_the_same_adapter(football, tmp_path, capsys):
     def run(mode):
-        cfg = TrainConfig(
-            model="tiny",
-            data=football,
-            output=str(tmp_path / mode),
-            vision_cache=mode,
-            max_steps=4,
-            batch_size=4,
-            lr=1e-2,
-            lora_dropout=0.0,
-            sample_every=0,
-            num_samples=1,
-        )
-        return load_file(str(train(cfg) / "adapter_model.safetensors"))
+        return adapter(short_run(football, tmp_path / mode, vision_cache=mode, num_samples=1))
 
     cached, plain = run("auto"), run("off")
     out = capsys.readouterr().out
@@ -87,25 +85,14 @@ def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):
     import vlmtune.cache as cache
 
     def run(name):
-        cfg = TrainConfig(
-            model="tiny",
-            data=football,
-            output=str(tmp_path / name),
-            max_steps=4,
-            batch_size=4,
-            lr=1e-2,
-            lora_dropout=0.0,
-            sample_every=0,
-            num_samples=0,
-        )
-        return train(cfg)
+        return short_run(football, tmp_path / name)
 
     memory = run("memory")
     monkeypatch.setattr(cache, "HOST_LIMIT", 0)  # as if the features were too big for RAM
     disk = run("disk")
     assert (disk / "feature_cache.0.npy").exists() and not list(memory.glob("feature_cache*.npy"))
-    a = load_file(str(memory / "adapter_model.safetensors"))
-    b = load_file(str(disk / "adapter_model.safetensors"))
+    a = adapter(memory)
+    b = adapter(disk)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -130,20 +117,7 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
     keep = tmp_path / "features"
 
     def run(name, **extra):
-        cfg = TrainConfig(
-            model="tiny",
-            data=football,
-            output=str(tmp_path / name),
-            feature_cache_dir=str(keep),
-            max_steps=4,
-            batch_size=4,
-            lr=1e-2,
-            lora_dropout=0.0,
-            sample_every=0,
-            num_samples=0,
-            **extra,
-        )
-        return load_file(str(train(cfg) / "adapter_model.safetensors"))
+        return adapter(short_run(football, tmp_path / name, feature_cache_dir=str(keep), **extra))
 
     first = run("first")
     kept = list(keep.iterdir())
