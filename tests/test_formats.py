@@ -89,6 +89,22 @@ def test_every_format_gives_the_same_records(kind, tmp_path):
     assert got == want  # one training pair per caption
 
 
+@pytest.mark.parametrize("kind", ["coco", "jsonl", "csv", "imagefolder", "datasets-dir"])
+def test_every_format_has_a_fingerprint_that_follows_its_files(kind, tmp_path):
+    """What names kept image features: the same in every load of the same files, another once an image
+    changes."""
+    import os
+
+    source = write_format(kind, tmp_path)
+    first, again = load_splits(str(source))[0], load_splits(str(source))[0]
+    assert first._fingerprint == again._fingerprint
+    if kind != "datasets-dir":  # a saved dataset holds its images; a new save_to_disk gets a new one
+        image = next(tmp_path.rglob("1.png"))
+        Image.new("RGB", (30, 20), "red").save(image)
+        os.utime(image, ns=(1, 1))  # and its time
+        assert load_splits(str(source))[0]._fingerprint != first._fingerprint
+
+
 def test_coco_keeps_every_reference_per_image(tmp_path):
     train_set, _ = load_splits(str(write_format("coco", tmp_path)))
     assert len(train_set) == 5 and train_set["text"] == CAPTIONS  # one row per image, both captions

@@ -8,7 +8,9 @@ plus `question` / `answer` when a manifest has them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,6 @@ def _image_root(annotations: Path, image_root: str | None, first: str) -> Path:
 
 def load_coco(annotations: Path, image_root: str | None = None) -> Any:
     """One row per image: `image` (absolute path), `text` (all its captions), `image_id`."""
-    import datasets
-
     from .data import DataError
 
     try:
@@ -77,13 +77,11 @@ def load_coco(annotations: Path, image_root: str | None = None) -> Any:
         rows["image"].append(str((root / im["file_name"]).resolve()))
         rows["text"].append(captions.get(im["id"], []))
         rows["image_id"].append(str(im["id"]))
-    return datasets.Dataset.from_dict(rows)
+    return _dataset(rows)
 
 
 def load_manifest(path: Path) -> Any:
     """A .jsonl or .csv with an image path (relative to the manifest) and a caption, or question/answer(s)."""
-    import datasets
-
     from .data import DataError
 
     try:
@@ -111,4 +109,21 @@ def load_manifest(path: Path) -> Any:
     for extra in ("question", "answer", "answers", "id"):
         if extra in keys:
             rows[extra] = [r.get(extra) for r in records]
-    return datasets.Dataset.from_dict(rows)
+    return _dataset(rows)
+
+
+def _dataset(rows: dict[str, list]) -> Any:
+    """`rows` as a `datasets.Dataset` whose fingerprint follows its content, each image file's size and time
+    included, as `datasets` does for the files it reads itself: the same files give the same fingerprint in
+    every run (kept image features are found again), and any change gives another."""
+    import datasets
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode())
+    for image in rows["image"]:
+        try:
+            stat = os.stat(image)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
+        except OSError:
+            digest.update(b"missing;")
+    table = datasets.Dataset.from_dict(rows)
+    return datasets.Dataset(table.data, info=table.info, fingerprint=digest.hexdigest()[:16])
