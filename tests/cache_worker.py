@@ -1,6 +1,6 @@
 """One process of the shared feature-cache test (tests/test_distributed.py), started by torchrun, or alone for
 the reference: builds the image-feature cache of a dataset's train split with the tiny base (`kept`: kept in a
-directory, then read back from it) and saves it, with the number of images this process itself ran through the
+directory, then read back from it; `bf16`: in bfloat16) and saves it, with the number of images this process itself ran through the
 vision side, as OUT_DIR/rank{N}.pt."""
 
 import sys
@@ -18,7 +18,8 @@ from vlmtune.modeling import TINY_PATH
 
 def main(data: str, out_dir: str, where: str) -> None:
     accelerator = Accelerator(cpu=True)
-    model = AutoModelForImageTextToText.from_pretrained(TINY_PATH)
+    dtype = torch.bfloat16 if where == "bf16" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(TINY_PATH, dtype=dtype)
     processor = AutoProcessor.from_pretrained(TINY_PATH)
     family = family_for(model.config)
     seen = []
@@ -29,7 +30,7 @@ def main(data: str, out_dir: str, where: str) -> None:
     cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised
     train_set, _ = load_splits(data)
     args = (model, family, Collator(family, processor, 48), CaptionExamples(train_set, per_image=True))
-    settings = dict(dtype=torch.float32, accelerator=accelerator, batch_size=8, spill_dir=Path(out_dir))
+    settings = dict(dtype=dtype, accelerator=accelerator, batch_size=8, spill_dir=Path(out_dir))
     if where == "kept":  # twice: computed together and kept, then read by every process
         cache.kept_features(*args, keep_dir=Path(out_dir) / "kept", **settings)
         images = sum(seen) - 1  # each call also runs the probe image that names the file

@@ -255,7 +255,8 @@ class _Store:
         lengths = [bounds[i + 1] - bounds[i] for i in range(world)]
         row = self.features[torch.tensor([0])]
         chunk = max(1, EXCHANGE_BYTES // (row.numel() * row.element_size()))
-        wire = _AS_STORED[self.dtype]  # bf16 travels as raw 16-bit words, which every backend can gather
+        # Sent as raw bytes: NCCL has no int16 and not every gloo build gathers bf16, every backend bytes.
+        wire = torch.uint8
         for k in range(0, max(lengths), chunk):
             mine = self.read(
                 bounds[rank] + min(k, lengths[rank]), bounds[rank] + min(k + chunk, lengths[rank])
