@@ -24,7 +24,7 @@ def main(data: str, out_dir: str, where: str) -> None:
     family = family_for(model.config)
     seen = []
     image_features = family.image_features
-    family.image_features = lambda m, pixels: seen.append(len(pixels)) or image_features(m, pixels)
+    family.image_features = lambda m, pixels, *a: seen.append(len(pixels)) or image_features(m, pixels, *a)
     if where == "disk":
         cache.HOST_LIMIT = 0  # as if the features were too big for RAM
     cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised

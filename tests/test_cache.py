@@ -66,19 +66,20 @@ def test_training_with_and_without_cache_gives_the_same_adapter(football, tmp_pa
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-5)
 
 
-def test_no_cache_when_the_qformer_trains(football, tmp_path, capsys):
-    cfg = TrainConfig(
-        model="tiny",
-        data=football,
-        output=str(tmp_path / "r"),
-        train_qformer=True,
-        max_steps=1,
-        batch_size=2,
-        sample_every=0,
-        num_samples=0,
-    )
-    train(cfg)
-    assert "image feature cache: off (the Q-Former or projection trains" in capsys.readouterr().out
+@pytest.mark.parametrize("trains", ["train_qformer", "train_projection"])
+def test_when_the_qformer_trains_only_the_vision_encoder_is_cached(football, tmp_path, capsys, trains):
+    """With the Q-Former (or the projection) training, the cache holds the frozen ViT's output and the
+    trainable modules run on it each step: the same adapter, Q-Former and projection as without a cache."""
+
+    def run(mode):
+        return adapter(short_run(football, tmp_path / mode, vision_cache=mode, **{trains: True}))
+
+    cached, plain = run("auto"), run("off")
+    assert "image feature cache: on (the Q-Former or projection trains" in capsys.readouterr().out
+    assert cached.keys() == plain.keys()
+    assert any(("qformer" if trains == "train_qformer" else "language_projection") in k for k in cached)
+    for k in cached:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-5)
 
 
 def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):

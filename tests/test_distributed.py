@@ -167,3 +167,19 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
         assert r["kind"].__name__ == {"disk": "DiskFeatures"}.get(where, "Tensor")
         tight = {} if where == "bf16" else dict(rtol=1e-5, atol=1e-6)  # bf16: its own default tolerance
         torch.testing.assert_close(r["features"], reference["features"], **tight)
+
+
+def test_a_trained_qformer_on_cached_vision_features_stays_in_step(football, tmp_path):
+    """With --train-qformer the Q-Former runs on the cached ViT output outside the model's forward; its
+    gradients must still be exchanged: two processes give bit for bit the adapter they give without a cache."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("auto", "off"):
+        run = tmp_path / mode
+        flags = ("--train-qformer", "--vision-cache", mode, "--lora-dropout", "0", "--save-every", "0")
+        err = finish(torchrun(football, run, *flags))
+        assert (run / "adapter_model.safetensors").exists(), err[-3000:]
+        runs[mode] = load_file(str(run / "adapter_model.safetensors"))
+    assert any("qformer" in k for k in runs["auto"])
+    assert all(torch.equal(runs["auto"][k], runs["off"][k]) for k in runs["off"])

@@ -59,17 +59,21 @@ class DiskFeatures:
         return len(self.array)
 
 
-def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[bool, str]:
-    """(use the cache?, why) for a training config: only when nothing before the language model trains."""
+def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[str | None, str]:
+    """(what to cache, why) for a training config: the image path up to the language projection when none
+    of it trains, the vision encoder's output alone when the Q-Former or projection does, or None."""
     if cfg.vision_cache == "off":
-        return False, "--vision-cache off"
+        return None, "--vision-cache off"
     if getattr(cfg, "streaming", False):
-        return False, "--streaming: each image is decoded when the stream reaches it"
-    if cfg.train_qformer or cfg.train_projection:
-        return False, "the Q-Former or projection trains, so image features change every step"
+        return None, "--streaming: each image is decoded when the stream reaches it"
     if not family.supports_feature_cache(model):
-        return False, "this transformers version cannot take precomputed image features (needs >= 5.24)"
-    return True, "vision side frozen: image features computed once and reused every epoch"
+        return None, "this transformers version cannot take precomputed image features (needs >= 5.24)"
+    if cfg.train_qformer or cfg.train_projection:
+        return (
+            "vision",
+            "the Q-Former or projection trains: the frozen vision encoder's output is computed once",
+        )
+    return "projection", "vision side frozen: image features computed once and reused every epoch"
 
 
 def kept_features(
@@ -81,17 +85,17 @@ def kept_features(
     dtype: torch.dtype,
     accelerator: Any,
     keep_dir: Path | None,
+    upto: str = "projection",
     **build: Any,
 ) -> tuple[torch.Tensor | DiskFeatures, str]:
     """`build_feature_cache`, read from `keep_dir` when an earlier run on the same model and data left the
     features there (and leaves them there for the next one otherwise). Returns (features, what happened, or
     "" without a `keep_dir`)."""
-    key = store_key(model, family, collate, examples, dtype, accelerator) if keep_dir else None
+    key = store_key(model, family, collate, examples, dtype, accelerator, upto) if keep_dir else None
+    build |= dict(dtype=dtype, accelerator=accelerator, upto=upto)
     if key is None:
         why = "" if keep_dir is None else "not kept: the data has no `datasets` fingerprint to name them by"
-        return build_feature_cache(
-            model, family, collate, examples, dtype=dtype, accelerator=accelerator, **build
-        ), why
+        return build_feature_cache(model, family, collate, examples, **build), why
     path = Path(keep_dir) / f"{key}.npy"
     found = _readable(path, len(examples))
     if accelerator.num_processes > 1:  # all read, or all compute together: the pass exchanges shares
@@ -99,9 +103,7 @@ def kept_features(
         found = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
     if found:
         return _load(path, dtype, accelerator.device), f"read from {path}"
-    features = build_feature_cache(
-        model, family, collate, examples, dtype=dtype, accelerator=accelerator, **build
-    )
+    features = build_feature_cache(model, family, collate, examples, **build)
     if accelerator.is_main_process:
         _save(features, path, dtype)
     return features, f"kept in {path}"
@@ -109,7 +111,13 @@ def kept_features(
 
 @torch.no_grad()
 def store_key(
-    model: Any, family: Family, collate: Any, examples: Any, dtype: torch.dtype, accelerator: Any
+    model: Any,
+    family: Family,
+    collate: Any,
+    examples: Any,
+    dtype: torch.dtype,
+    accelerator: Any,
+    upto: str = "projection",
 ) -> str | None:
     """A file name for the features of `examples` that changes with anything that changes them: the data
     (its `datasets` fingerprint, which follows the files and every selection made from them) and the model,
@@ -123,10 +131,11 @@ def store_key(
     was_training = model.training
     model.eval()
     with accelerator.autocast():
-        rows = family.image_features(model, batch["pixel_values"].to(accelerator.device, dtype)).to(dtype)
+        pixels = batch["pixel_values"].to(accelerator.device, dtype)
+        rows = family.image_features(model, pixels, upto).to(dtype)
     model.train(was_training)
     digest = hashlib.sha256(rows.float().cpu().numpy().tobytes())
-    digest.update(json.dumps([fingerprint, len(examples), examples.image_column, str(dtype)]).encode())
+    digest.update(json.dumps([fingerprint, len(examples), examples.image_column, str(dtype), upto]).encode())
     key = [digest.hexdigest()[:32]]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -179,8 +188,10 @@ def build_feature_cache(
     batch_size: int,
     num_workers: int = 0,
     spill_dir: Path | None = None,
+    upto: str = "projection",
 ) -> torch.Tensor | DiskFeatures:
-    """Features for every example, in order: (N, num_query_tokens, d_lm).
+    """Features for every example, in order: (N, num_query_tokens, d_lm), or with `upto="vision"` the
+    vision encoder's output (N, 1 + patches, d_vision).
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.
     With several processes each computes an equal, contiguous share and the shares are exchanged, so the pass
@@ -205,7 +216,7 @@ def build_feature_cache(
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device, dtype)
         with accelerator.autocast():
-            rows = family.image_features(model, pixels).to(dtype)
+            rows = family.image_features(model, pixels, upto).to(dtype)
         if store is None:
             store = _Store(n, rows.shape[1:], dtype, accelerator, spill_dir)
         if share:

@@ -193,6 +193,7 @@ class _Batches:
         int | None
     )  # this process's batches per epoch; None for a stream (its epoch ends when it runs out)
     features: Any  # the image-feature cache, or None
+    cache_upto: str | None  # what the cache holds: the image path up to "projection" or up to "vision"
     val_loader: DataLoader | None
     val_examples: Any
     samples: list[dict[str, Any]]  # fixed examples captioned as training goes
@@ -230,9 +231,9 @@ def _batches(
     else:
         examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
     features, train_items, train_collate, cache_s = None, examples, collate, 0.0
-    use_cache, why = wants_cache(cfg, family, model)
-    accelerator.print(f"image feature cache: {'on' if use_cache else 'off'} ({why})")
-    if use_cache:
+    upto, why = wants_cache(cfg, family, model)
+    accelerator.print(f"image feature cache: {'on' if upto else 'off'} ({why})")
+    if upto:
         clock = time.perf_counter()
         features, kept = kept_features(
             model,
@@ -242,6 +243,7 @@ def _batches(
             dtype=dtype,
             accelerator=accelerator,
             keep_dir=Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else None,
+            upto=upto,
             batch_size=4 * cfg.batch_size,
             num_workers=cfg.num_workers,
             spill_dir=run,
@@ -296,6 +298,7 @@ def _batches(
         sampler or train_items,
         None if cfg.streaming else len(loader),
         features,
+        upto,
         val_loader,
         val_examples,
         samples,
@@ -496,7 +499,7 @@ class _Session:
                 ran_out = True
                 for batch in data.loader:
                     state.batches_in_epoch += 1
-                    finite = self.micro_step(batch, data.features, state)
+                    finite = self.micro_step(batch, data, state)
                     if not accelerator.sync_gradients:  # mid-accumulation: not an optimizer step yet
                         continue
                     state.step += 1
@@ -531,15 +534,18 @@ class _Session:
         self.show_samples(state.step, bar)
         return seconds, state.samples - seen_before
 
-    def micro_step(self, batch: dict[str, Any], features: Any, state: LoopState) -> bool:
+    def micro_step(self, batch: dict[str, Any], data: _Batches, state: LoopState) -> bool:
         """Forward and backward, and at the end of an accumulation the optimizer step. Whether it was finite."""
         accelerator, family = self.accelerator, self.family
-        if features is not None:  # (B,) indices -> (B, num_query_tokens, d_lm) features
-            index = batch.pop("image_index").to(features.device)
-            batch.update(family.cached_inputs(features[index].to(accelerator.device, non_blocking=True)))
-        else:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         with accelerator.accumulate(self.model):
+            if data.features is not None:  # (B,) indices -> their cached features
+                index = batch.pop("image_index").to(data.features.device)
+                rows = data.features[index].to(accelerator.device, non_blocking=True)
+                # Under autocast, as in the model's own forward: a trainable Q-Former may run here.
+                with accelerator.autocast():
+                    batch.update(family.cached_inputs(rows, self.model, data.cache_upto))
+            else:
+                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
             loss = self.model(**family.loss_inputs(batch)).loss
             accelerator.backward(loss)
             finite = True

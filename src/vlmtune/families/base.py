@@ -87,12 +87,20 @@ class Family(ABC):
         """Whether `model` can take precomputed image features (see `image_features`, `cached_inputs`)."""
         return False
 
-    def image_features(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What the frozen vision side hands the language model for each image."""
+    def image_features(
+        self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
+    ) -> torch.Tensor:
+        """What the frozen part of the image path hands on, per image: up to `"projection"`, what the language
+        model receives in place of the image placeholders; up to `"vision"`, the vision encoder's output alone
+        (for when the modules after it train)."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
-    def cached_inputs(self, features: torch.Tensor) -> dict[str, Any]:
-        """Extra forward() arguments that make the model use `features` instead of computing them."""
+    def cached_inputs(
+        self, features: torch.Tensor, model: Any = None, upto: str = "projection"
+    ) -> dict[str, Any]:
+        """Extra forward() arguments that make the model use `features` (from `image_features(..., upto)`)
+        instead of computing them; for `"vision"` features the trainable modules after the vision encoder run
+        here, on `model`, with gradients."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

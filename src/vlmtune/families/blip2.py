@@ -161,14 +161,23 @@ class Blip2(Family):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return "mm_encoder_outputs" in inspect.signature(type(base).forward).parameters
 
-    def image_features(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-        """ViT -> Q-Former -> language projection: (B, 3, H, W) -> (B, num_query_tokens, d_lm)."""
+    def image_features(
+        self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
+    ) -> torch.Tensor:
+        """ViT -> Q-Former -> language projection: (B, 3, H, W) -> (B, num_query_tokens, d_lm); up to
+        "vision", the ViT's last hidden state alone: (B, 1 + patches, d_vision)."""
+        if upto == "vision":
+            return _base(model).vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         out = model.get_image_features(pixel_values=pixel_values, return_dict=True)
         return out if torch.is_tensor(out) else out.pooler_output
 
-    def cached_inputs(self, features: torch.Tensor) -> dict[str, Any]:
+    def cached_inputs(
+        self, features: torch.Tensor, model: Any = None, upto: str = "projection"
+    ) -> dict[str, Any]:
         from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
+        if upto == "vision":  # the trainable Q-Former and projection run on the cached ViT output
+            features = _after_vision(_base(model), features)
         return {
             "pixel_values": None,
             "mm_encoder_outputs": {"image": BaseModelOutputWithVisionQformerOutputs(pooler_output=features)},
@@ -183,6 +192,22 @@ class Blip2(Family):
         out = model.generate(**batch, **kwargs)
         # Decoder-only generation returns the prompt too: (B, T_prompt + T_new).
         return out[:, batch["input_ids"].shape[1] :]
+
+
+def _base(model: Any) -> Any:
+    """The transformers model under peft's and Accelerate's wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _after_vision(base: Any, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Steps 2 and 3 of `Blip2ForConditionalGeneration.get_image_features` (Q-Former over the query tokens,
+    cross-attending to the image, then the language projection), from step 1's output. With --train-qformer
+    peft's `modules_to_save` wrapper stands in `base.qformer` and routes to the trainable copy."""
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    query = base.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    out = base.qformer(query_embeds=query, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)[0]
+    return base.language_projection(out.to(image_embeds.dtype))  # the Q-Former is kept in fp32
 
 
 def _target_text(prompt: str, target: str) -> str:
