@@ -2,7 +2,9 @@
 
 For BLIP-2 OPT-2.7B the frozen ViT-g forward is about half of each training sample's FLOPs (0.52 of ~1.1 TFLOP),
 so over the seed recipe's 11 epochs caching it removes ten of eleven of those passes. The cache holds what the
-language model receives in place of the image placeholders: (N, num_query_tokens, d_lm) in the model's dtype.
+language model receives in place of the image placeholders: (N, num_query_tokens, d_lm) in the model's dtype;
+when the Q-Former or projection trains, the vision encoder's output alone, and those modules run on it each step.
+Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
 """
 
 from __future__ import annotations
