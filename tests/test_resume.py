@@ -261,6 +261,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(football, tmp_path
         (["--dtype", "float16"], "--dtype float16 needs a CUDA GPU"),
         (["--lora-targets", r".*language_model.*\.(q_projj)"], "Did you mean 'q_proj'?"),
         (["--model", "no-such-org/no-such-model"], "--model: cannot load model 'no-such-org/no-such-model'"),
+        (["--feature-cache-dir", __file__ + "/features"], f"{__file__} is not a writable directory"),
     ],
 )
 def test_configuration_errors_name_the_problem(football, tmp_path, capsys, args, says):
