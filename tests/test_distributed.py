@@ -183,3 +183,31 @@ def test_a_trained_qformer_on_cached_vision_features_stays_in_step(football, tmp
         runs[mode] = load_file(str(run / "adapter_model.safetensors"))
     assert any("qformer" in k for k in runs["auto"])
     assert all(torch.equal(runs["auto"][k], runs["off"][k]) for k in runs["off"])
+
+
+def test_validation_covers_every_example_once_across_processes(football, tmp_path):
+    """Each process validates every other example and the sums are added up: the logged validation loss is the
+    one a single process computes over the whole held-out split with the final adapter; caption metrics are
+    gathered and scored once, and every process agrees on the best adapter."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from vlmtune.data import CaptionExamples, Collator, load_splits
+    from vlmtune.finetune import evaluate_loss
+    from vlmtune.modeling import load_for_inference
+
+    run = tmp_path / "val"
+    flags = ("--val-fraction", "0.25", "--eval-metrics", "--lora-dropout", "0", "--save-every", "0")
+    err = finish(torchrun(football, run, *flags))
+    assert (run / "best" / "best.json").exists(), err[-3000:]
+    logged = [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+    assert len(logged) == 1 and "BLEU-1" in logged[0]  # one epoch: validated once, at its end
+
+    model, processor, family, _ = load_for_inference(str(run), None, dtype="float32")
+    _, held_out = load_splits(football, val_fraction=0.25, seed=3)
+    loader = DataLoader(CaptionExamples(held_out), batch_size=5, collate_fn=Collator(family, processor, 64))
+    alone = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    assert logged[0]["val_loss"] == pytest.approx(
+        evaluate_loss(model, family, loader, torch.float32, alone), rel=1e-5
+    )

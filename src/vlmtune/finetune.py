@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .cache import kept_features, wants_cache
@@ -99,8 +99,6 @@ def train(cfg: TrainConfig) -> Path:
 
     data = _batches(cfg, run, accelerator, model, processor, family, dtype, train_set, val_set)
     data.loader = accelerator.prepare(data.loader)  # from here on, this process's share of each epoch
-    if data.val_loader is not None:
-        data.val_loader = accelerator.prepare(data.val_loader)
     if data.per_epoch is not None:
         data.per_epoch = len(data.loader)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
@@ -282,8 +280,14 @@ def _batches(
     val_examples, val_loader = None, None
     if val_set is not None:
         val_examples = CaptionExamples(val_set, cfg.image_column, cfg.text_column, prompting)
+        # Each process scores every n-th example; the sums are added up across processes (a prepared loader
+        # would pad the last batches with repeated examples, which would count twice).
+        share = range(accelerator.process_index, len(val_examples), accelerator.num_processes)
         val_loader = DataLoader(
-            val_examples, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers
+            Subset(val_examples, share),
+            batch_size=cfg.batch_size,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
         )
     # Fixed images captioned as training goes.
     if val_examples is not None:
@@ -663,7 +667,11 @@ class _Session:
 
     def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
         """Validation loss (and caption metrics with --eval-metrics); the best adapter so far to RUN_DIR/best."""
-        record: dict[str, float] = {"val_loss": evaluate_loss(self.model, self.family, loader, self.dtype)}
+        inner = self.accelerator.unwrap_model(self.model)  # no DDP: processes may run unequal batch counts
+        with self.accelerator.autocast():
+            record: dict[str, float] = {
+                "val_loss": evaluate_loss(inner, self.family, loader, self.dtype, self.accelerator)
+            }
         if self.cfg.eval_metrics:
             record.update(self.caption_metrics(examples))
         self.metrics.write(step=state.step, epoch=state.epoch, **record)
@@ -677,18 +685,30 @@ class _Session:
 
     @torch.no_grad()
     def caption_metrics(self, examples: Any) -> dict[str, float]:
+        """Caption metrics of the validation examples: each process captions every n-th one, the main process
+        scores them all, and every process gets the scores (they must agree on which adapter is best)."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
         from .metrics import caption_scores
 
-        inner = self.accelerator.unwrap_model(self.model)
+        accelerator, size = self.accelerator, self.cfg.batch_size
+        inner = accelerator.unwrap_model(self.model)
         inner.eval()
-        got, refs = [], []
-        for start in range(0, len(examples), self.cfg.batch_size):
-            chunk = [examples[i] for i in range(start, min(start + self.cfg.batch_size, len(examples)))]
-            got += self.generate(inner, chunk)
-            refs += [[x["target"]] for x in chunk]
-        return caption_scores(
-            {str(i): g for i, g in enumerate(got)}, {str(i): r for i, r in enumerate(refs)}
-        )["scores"]
+        mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+        got: list[tuple[int, str]] = []
+        for start in range(0, len(mine), size):
+            chunk = mine[start : start + size]
+            got += zip(chunk, self.generate(inner, [examples[i] for i in chunk]), strict=True)
+        if accelerator.num_processes > 1:
+            got = gather_object(got)
+        scores = [None]
+        if accelerator.is_main_process:
+            captions = dict(got)
+            refs = {str(i): [examples[i]["target"]] for i in range(len(examples))}
+            scores = [caption_scores({str(i): captions[i] for i in range(len(examples))}, refs)["scores"]]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(scores)
+        return scores[0]
 
     def save_best(self, state: LoopState, record: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -735,13 +755,19 @@ class _Session:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, family: Family, loader: DataLoader, dtype: torch.dtype) -> float:
-    """Mean loss over `loader`, weighted by each batch's number of target tokens. Leaves `model` in eval mode."""
+@torch.no_grad()
+def evaluate_loss(
+    model: Any, family: Family, loader: DataLoader, dtype: torch.dtype, accelerator: Any
+) -> float:
+    """Mean loss over `loader` (this process's share), weighted by each batch's number of target tokens and
+    summed over every process. Leaves `model` in eval mode."""
     model.eval()
-    total, tokens = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x tokens, tokens)
     for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += model(**family.loss_inputs(batch)).loss.float().item() * n
-        tokens += n
-    return total / max(tokens, 1)
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        total += torch.stack([model(**family.loss_inputs(batch)).loss.double() * n, n.double()])
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1].clamp(min=1))
