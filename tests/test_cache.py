@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlmtune.config import TrainConfig
 from vlmtune.families import family_for
 from vlmtune.finetune import train
+from vlmtune.rundir import read_jsonl
 from vlmtune.synthetic import examples
 
 
@@ -134,8 +135,8 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     monkeypatch.undo()
-    run("held-out", val_fraction=0.25)  # a different selection of the data: different features
-    assert len(list(keep.iterdir())) == 2
+    run("held-out", val_fraction=0.25)  # other selections of the data: its training and held-out rows
+    assert len(list(keep.iterdir())) == 3
 
 
 def test_the_store_key_follows_the_model_and_the_data(tiny, football):
@@ -167,3 +168,17 @@ def test_the_store_key_follows_the_model_and_the_data(tiny, football):
         changed.vision_model.post_layernorm.bias.add_(0.01)
     assert key(m=changed) != key()
     assert key(d=CaptionExamples([{"image": None, "text": "x"}], per_image=True)) is None  # no fingerprint
+
+
+def test_validation_reads_cached_features_too(football, tmp_path, capsys):
+    """The held-out split gets a cache of its own: the validation loss is the one computed from pixels."""
+
+    def val_loss(mode, **extra):
+        settings = dict(vision_cache=mode, val_fraction=0.25, eval_every=4)
+        run = short_run(football, tmp_path / mode, **settings, **extra)
+        return [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+
+    cached = val_loss("auto", feature_cache_dir=str(tmp_path / "kept"))
+    assert "validation image features: kept in" in capsys.readouterr().out
+    plain = val_loss("off")
+    assert len(cached) == 1 and cached == pytest.approx(plain, rel=1e-5)

@@ -190,6 +190,7 @@ def build_feature_cache(
     batch_size: int,
     num_workers: int = 0,
     spill_dir: Path | None = None,
+    spill_name: str = "feature_cache",
     upto: str = "projection",
 ) -> torch.Tensor | DiskFeatures:
     """Features for every example, in order: (N, num_query_tokens, d_lm), or with `upto="vision"` the
@@ -220,7 +221,7 @@ def build_feature_cache(
         with accelerator.autocast():
             rows = family.image_features(model, pixels, upto).to(dtype)
         if store is None:
-            store = _Store(n, rows.shape[1:], dtype, accelerator, spill_dir)
+            store = _Store(n, rows.shape[1:], dtype, accelerator, spill_dir and spill_dir / spill_name)
         if share:
             store.write(done, rows)
             done += len(rows)
@@ -236,14 +237,12 @@ class _Store:
     """Where the cache is built: on the accelerator when small, in host memory when larger, and beyond
     HOST_LIMIT in a memory-mapped file, one per process (each process holds the whole cache)."""
 
-    def __init__(
-        self, n: int, shape: torch.Size, dtype: torch.dtype, accelerator: Any, spill_dir: Path | None
-    ):
+    def __init__(self, n: int, shape: torch.Size, dtype: torch.dtype, accelerator: Any, spill: Path | None):
         self.dtype = dtype
         total = n * shape.numel() * torch.empty(0, dtype=dtype).element_size()
         self.features: torch.Tensor | DiskFeatures
-        if spill_dir is not None and total > HOST_LIMIT:
-            path = spill_dir / f"feature_cache.{accelerator.process_index}.npy"
+        if spill is not None and total > HOST_LIMIT:  # spill: the file's path without ".RANK.npy"
+            path = spill.with_name(f"{spill.name}.{accelerator.process_index}.npy")
             self.features = DiskFeatures(path, (n, *shape), dtype)
         elif total > ON_DEVICE_LIMIT:
             on_gpu = accelerator.device.type == "cuda"

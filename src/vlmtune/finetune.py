@@ -193,6 +193,7 @@ class _Batches:
     features: Any  # the image-feature cache, or None
     cache_upto: str | None  # what the cache holds: the image path up to "projection" or up to "vision"
     val_loader: DataLoader | None
+    val_features: Any  # the validation split's image-feature cache, or None
     val_examples: Any
     samples: list[dict[str, Any]]  # fixed examples captioned as training goes
     cache_s: float  # seconds spent filling the feature cache
@@ -228,16 +229,18 @@ def _batches(
         )
     else:
         examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
-    features, train_items, train_collate, cache_s = None, examples, collate, 0.0
+    features, val_features, train_items, train_collate, cache_s = None, None, examples, collate, 0.0
     upto, why = wants_cache(cfg, family, model)
     accelerator.print(f"image feature cache: {'on' if upto else 'off'} ({why})")
-    if upto:
-        clock = time.perf_counter()
-        features, kept = kept_features(
+
+    def cached(split: Any, name: str, spill_name: str) -> Any:
+        """The image features of a split's rows, computed, or read where --feature-cache-dir kept them."""
+        rows = CaptionExamples(split, cfg.image_column, cfg.text_column, prompting, per_image=True)
+        found, kept = kept_features(
             model,
             family,
             collate,
-            CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting, per_image=True),
+            rows,
             dtype=dtype,
             accelerator=accelerator,
             keep_dir=Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else None,
@@ -245,10 +248,18 @@ def _batches(
             batch_size=4 * cfg.batch_size,
             num_workers=cfg.num_workers,
             spill_dir=run,
+            spill_name=spill_name,
         )
-        cache_s = time.perf_counter() - clock
         if kept:
-            accelerator.print(f"image features: {kept}")
+            accelerator.print(f"{name} image features: {kept}")
+        return found
+
+    if upto:
+        clock = time.perf_counter()
+        features = cached(train_set, "training", "feature_cache")
+        if val_set is not None:  # validation then costs a language-model forward per example, no more
+            val_features = cached(val_set, "validation", "feature_cache.val")
+        cache_s = time.perf_counter() - clock
         train_items = examples.without_images()
         train_collate = Collator(family, processor, cfg.max_length, cached=True)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
@@ -283,10 +294,11 @@ def _batches(
         # Each process scores every n-th example; the sums are added up across processes (a prepared loader
         # would pad the last batches with repeated examples, which would count twice).
         share = range(accelerator.process_index, len(val_examples), accelerator.num_processes)
+        cached_val = val_features is not None
         val_loader = DataLoader(
-            Subset(val_examples, share),
+            Subset(val_examples.without_images() if cached_val else val_examples, share),
             batch_size=cfg.batch_size,
-            collate_fn=collate,
+            collate_fn=train_collate if cached_val else collate,
             num_workers=cfg.num_workers,
         )
     # Fixed images captioned as training goes.
@@ -304,6 +316,7 @@ def _batches(
         features,
         upto,
         val_loader,
+        val_features,
         val_examples,
         samples,
         cache_s,
@@ -510,7 +523,7 @@ class _Session:
                     bar.update(1)
                     self.after_step(state, finite, bar, total_steps, started, seen_before)
                     if data.val_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                        self.validate(data.val_loader, data.val_examples, state, bar)
+                        self.validate(data, state, bar)
                     if cfg.save_every and state.step % cfg.save_every == 0:
                         self.save(state)
                     if self.stop_requested(stop):
@@ -530,7 +543,7 @@ class _Session:
                     )
                 if ran_out or state.batches_in_epoch == data.per_epoch:  # the epoch ran to its end
                     if data.val_loader is not None and not cfg.eval_every:
-                        self.validate(data.val_loader, data.val_examples, state, bar)
+                        self.validate(data, state, bar)
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                     self.save(state)
         bar.close()
@@ -542,12 +555,12 @@ class _Session:
         """Forward and backward, and at the end of an accumulation the optimizer step. Whether it was finite."""
         accelerator, family = self.accelerator, self.family
         with accelerator.accumulate(self.model):
-            if data.features is not None:  # (B,) indices -> their cached features
-                index = batch.pop("image_index").to(data.features.device)
-                rows = data.features[index].to(accelerator.device, non_blocking=True)
+            if data.features is not None:
                 # Under autocast, as in the model's own forward: a trainable Q-Former may run here.
                 with accelerator.autocast():
-                    batch.update(family.cached_inputs(rows, self.model, data.cache_upto))
+                    with_features(
+                        batch, data.features, data.cache_upto, family, self.model, accelerator.device
+                    )
             else:
                 batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
             loss = self.model(**family.loss_inputs(batch)).loss
@@ -665,15 +678,22 @@ class _Session:
         self.accelerator.wait_for_everyone()
         return path
 
-    def validate(self, loader: DataLoader, examples: Any, state: LoopState, bar: Any) -> None:
+    def validate(self, data: _Batches, state: LoopState, bar: Any) -> None:
         """Validation loss (and caption metrics with --eval-metrics); the best adapter so far to RUN_DIR/best."""
         inner = self.accelerator.unwrap_model(self.model)  # no DDP: processes may run unequal batch counts
         with self.accelerator.autocast():
-            record: dict[str, float] = {
-                "val_loss": evaluate_loss(inner, self.family, loader, self.dtype, self.accelerator)
-            }
+            loss = evaluate_loss(
+                inner,
+                self.family,
+                data.val_loader,
+                self.dtype,
+                self.accelerator,
+                data.val_features,
+                data.cache_upto,
+            )
+        record: dict[str, float] = {"val_loss": loss}
         if self.cfg.eval_metrics:
-            record.update(self.caption_metrics(examples))
+            record.update(self.caption_metrics(data.val_examples))
         self.metrics.write(step=state.step, epoch=state.epoch, **record)
         self.accelerator.log({f"val/{k}": v for k, v in record.items()}, step=state.step)
         bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
@@ -757,17 +777,36 @@ class _Session:
 @torch.no_grad()
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, family: Family, loader: DataLoader, dtype: torch.dtype, accelerator: Any
+    model: Any,
+    family: Family,
+    loader: DataLoader,
+    dtype: torch.dtype,
+    accelerator: Any,
+    features: Any = None,
+    upto: str | None = None,
 ) -> float:
     """Mean loss over `loader` (this process's share), weighted by each batch's number of target tokens and
-    summed over every process. Leaves `model` in eval mode."""
+    summed over every process; with `features`, the loader's batches carry image indices into them. Leaves
+    `model` in eval mode."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x tokens, tokens)
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        if features is not None:
+            with_features(batch, features, upto, family, model, accelerator.device)
+        else:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         total += torch.stack([model(**family.loss_inputs(batch)).loss.double() * n, n.double()])
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1))
+
+
+def with_features(
+    batch: dict[str, Any], features: Any, upto: str | None, family: Family, model: Any, device: torch.device
+) -> dict[str, Any]:
+    """`batch` with its images' cached features in place of pixels: (B,) row indices -> forward() arguments."""
+    index = batch.pop("image_index").to(features.device)
+    batch.update(family.cached_inputs(features[index].to(device, non_blocking=True), model, upto))
+    return batch
