@@ -156,13 +156,18 @@ def _readable(path: Path, n: int) -> bool:
 def _load(path: Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor | DiskFeatures:
     """Kept features where `build_feature_cache` would have put them: device, host memory or the file."""
     stored = DiskFeatures.open(path, dtype)
-    size = stored.array.nbytes
-    if size > HOST_LIMIT:
+    tier = _tier(stored.array.nbytes)
+    if tier == "disk":
         return stored
     features = torch.from_numpy(np.array(stored.array)).view(dtype)
-    if size > ON_DEVICE_LIMIT:
+    if tier == "host":
         return features.pin_memory() if device.type == "cuda" else features
     return features.to(device)
+
+
+def _tier(nbytes: int) -> str:
+    """Where a cache of this size lives: "device" (the accelerator), "host" memory, or "disk"."""
+    return "disk" if nbytes > HOST_LIMIT else "host" if nbytes > ON_DEVICE_LIMIT else "device"
 
 
 def _save(features: torch.Tensor | DiskFeatures, path: Path, dtype: torch.dtype) -> None:
@@ -239,12 +244,12 @@ class _Store:
 
     def __init__(self, n: int, shape: torch.Size, dtype: torch.dtype, accelerator: Any, spill: Path | None):
         self.dtype = dtype
-        total = n * shape.numel() * torch.empty(0, dtype=dtype).element_size()
+        tier = _tier(n * shape.numel() * torch.empty(0, dtype=dtype).element_size())
         self.features: torch.Tensor | DiskFeatures
-        if spill is not None and total > HOST_LIMIT:  # spill: the file's path without ".RANK.npy"
+        if spill is not None and tier == "disk":  # spill: the file's path without ".RANK.npy"
             path = spill.with_name(f"{spill.name}.{accelerator.process_index}.npy")
             self.features = DiskFeatures(path, (n, *shape), dtype)
-        elif total > ON_DEVICE_LIMIT:
+        elif tier != "device":
             on_gpu = accelerator.device.type == "cuda"
             self.features = torch.empty((n, *shape), dtype=dtype, pin_memory=on_gpu)
         else:
