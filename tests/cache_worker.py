@@ -1,7 +1,8 @@
 """One process of the shared feature-cache test (tests/test_distributed.py), started by torchrun, or alone for
-the reference: builds the image-feature cache of a dataset's train split with the tiny base (`kept`: kept in a
-directory, then read back from it; `bf16`: in bfloat16) and saves it, with the number of images this process itself ran through the
-vision side, as OUT_DIR/rank{N}.pt."""
+the reference: builds the image-feature cache of a dataset's train split with the tiny base (`disk`: too big for
+memory; `kept`: kept in a directory, then read back from it; `kept-disk`: both; `bf16`: in bfloat16) and saves
+it, with the number of images this process itself ran through the vision side and the files (device, inode)
+it has mapped that hold features, as OUT_DIR/rank{N}.pt."""
 
 import sys
 from pathlib import Path
@@ -25,13 +26,13 @@ def main(data: str, out_dir: str, where: str) -> None:
     seen = []
     image_features = family.image_features
     family.image_features = lambda m, pixels, *a: seen.append(len(pixels)) or image_features(m, pixels, *a)
-    if where == "disk":
+    if where.endswith("disk"):
         cache.HOST_LIMIT = 0  # as if the features were too big for RAM
     cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised
     train_set, _ = load_splits(data)
     args = (model, family, Collator(family, processor, 48), CaptionExamples(train_set, per_image=True))
     settings = dict(dtype=dtype, accelerator=accelerator, batch_size=8, spill_dir=Path(out_dir))
-    if where == "kept":  # twice: computed together and kept, then read by every process
+    if where.startswith("kept"):  # twice: computed together and kept, then read by every process
         cache.kept_features(*args, keep_dir=Path(out_dir) / "kept", **settings)
         images = sum(seen) - 1  # each call also runs the probe image that names the file
         features, said = cache.kept_features(*args, keep_dir=Path(out_dir) / "kept", **settings)
@@ -39,8 +40,19 @@ def main(data: str, out_dir: str, where: str) -> None:
     else:
         features = cache.build_feature_cache(*args, **settings)
         images = sum(seen)
-    result = {"features": features[torch.arange(len(features))], "images": images, "kind": type(features)}
+    result = {
+        "features": features[torch.arange(len(features))],
+        "images": images,
+        "kind": type(features),
+        "mapped": mapped(),
+    }
     torch.save(result, Path(out_dir) / f"rank{accelerator.process_index}.pt")
+
+
+def mapped() -> set[tuple[str, int]]:
+    """(device, inode) of the .npy files this process has mapped, removed from their directory or not."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {(f[3], int(f[4])) for f in map(str.split, lines) if len(f) > 5 and ".npy" in f[5]}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The image-feature cache changes where the features come from, not what the model learns."""
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -84,15 +86,22 @@ def test_when_the_qformer_trains_only_the_vision_encoder_is_cached(football, tmp
 
 
 def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):
+    """Features too big for memory go to a file in the run directory, which leaves the directory as soon as
+    it is open: the run trains from it, and leaves no file behind."""
     import vlmtune.cache as cache
 
     def run(name):
         return short_run(football, tmp_path / name)
 
     memory = run("memory")
+    files, write = [], cache.DiskFeatures.write
     monkeypatch.setattr(cache, "HOST_LIMIT", 0)  # as if the features were too big for RAM
+    monkeypatch.setattr(
+        cache.DiskFeatures, "write", lambda self, *a: files.append(self.path) or write(self, *a)
+    )
     disk = run("disk")
-    assert (disk / "feature_cache.0.npy").exists() and not list(memory.glob("feature_cache*.npy"))
+    assert set(files) == {disk / "feature_cache.npy"}
+    assert not list(disk.glob("feature_cache*")) and not list(memory.glob("feature_cache*"))
     a = adapter(memory)
     b = adapter(disk)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -137,6 +146,65 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
     monkeypatch.undo()
     run("held-out", val_fraction=0.25)  # other selections of the data: its training and held-out rows
     assert len(list(keep.iterdir())) == 3
+
+
+def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_path, monkeypatch):
+    """Beyond host memory, kept features are built in the keep directory itself under a temporary name and
+    renamed when complete (no second copy from a spill file); a pass that fails leaves nothing there."""
+    import vlmtune.cache as cache
+
+    keep, files, write = tmp_path / "features", [], cache.DiskFeatures.write
+    monkeypatch.setattr(cache, "HOST_LIMIT", 0)
+    monkeypatch.setattr(
+        cache.DiskFeatures, "write", lambda self, *a: files.append(self.path) or write(self, *a)
+    )
+    first = short_run(football, tmp_path / "first", feature_cache_dir=str(keep))
+    (kept,) = keep.iterdir()
+    assert {f.parent for f in files} == {keep} and all(f.name.startswith(kept.name) for f in files)
+    assert not list(first.glob("feature_cache*"))
+    second = short_run(football, tmp_path / "second", feature_cache_dir=str(keep))
+    assert all(torch.equal(adapter(first)[k], adapter(second)[k]) for k in adapter(first))
+
+    def interrupted(self, start, rows):
+        raise KeyboardInterrupt  # a user's Ctrl-C during the pass
+
+    monkeypatch.setattr(cache.DiskFeatures, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        short_run(football, tmp_path / "stopped", feature_cache_dir=str(keep), val_fraction=0.25)
+    assert list(keep.iterdir()) == [kept]
+
+
+def test_temporary_files_of_dead_writers_are_removed(tmp_path):
+    """A run killed while keeping features leaves its temporary file; the next run removes it, but not one
+    that a live process is still writing, nor one from another machine."""
+    import socket
+    import subprocess
+    import sys
+
+    from vlmtune.cache import _remove_abandoned
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead, host = int(gone.stdout), socket.gethostname()
+    names = [f"k.npy.{host}.{dead}.tmp", f"k.npy.{host}.{os.getpid()}.tmp", f"k.npy.elsewhere.{dead}.tmp"]
+    for name in [*names, "k.npy"]:
+        (tmp_path / name).write_bytes(b"x")
+    _remove_abandoned(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "k.npy"])
+
+
+def test_host_memory_counts_every_process_on_the_machine(monkeypatch):
+    """Each process holds the whole cache: what fits in host memory for one process may not for eight, which
+    then share one file."""
+    import vlmtune.cache as cache
+
+    monkeypatch.setattr(cache, "HOST_LIMIT", 100)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [cache._tier(60, cpu, k) for k in (1, 2)] == ["host", "disk"]
+    assert cache._tier(60, gpu, 8) == "device"  # on each accelerator, no host copy
+    monkeypatch.setattr(cache, "ON_DEVICE_LIMIT", 50)
+    assert [cache._tier(60, gpu, k) for k in (1, 2)] == ["host", "disk"]
 
 
 def test_the_store_key_follows_the_model_and_the_data(tiny, football):

@@ -146,11 +146,12 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-@pytest.mark.parametrize("where", ["memory", "disk", "kept", "bf16"])
+@pytest.mark.parametrize("where", ["memory", "disk", "kept", "kept-disk", "bf16"])
 def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     """Each of two processes runs half the images through the vision side, and both end with the whole
-    cache, equal to what one process computes alone (in memory, spilled to a file per process, kept for later
-    runs, which both processes then read, and in bfloat16, which travels as bytes)."""
+    cache, equal to what one process computes alone: in memory; too big for memory, in one file both
+    processes map, which leaves no file behind; kept for later runs, which both processes then read, as well
+    when kept features are too big for memory; and in bfloat16, which travels as bytes."""
     worker = [str(Path(__file__).parent / "cache_worker.py"), football]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     alone, shared = tmp_path / "alone", tmp_path / "shared"
@@ -163,8 +164,12 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     reference = torch.load(alone / "rank0.pt", weights_only=False)
     ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
+    on_disk = where.endswith("disk")
+    if on_disk:  # one file on disk for the machine, not one per process
+        assert len(ranks[0]["mapped"]) == 1 and ranks[0]["mapped"] == ranks[1]["mapped"]
+    assert not list(shared.glob("*.npy*")) and not list(shared.glob("kept/*.tmp"))
     for r in ranks:
-        assert r["kind"].__name__ == {"disk": "DiskFeatures"}.get(where, "Tensor")
+        assert r["kind"].__name__ == ("DiskFeatures" if on_disk else "Tensor")
         tight = {} if where == "bf16" else dict(rtol=1e-5, atol=1e-6)  # bf16: its own default tolerance
         torch.testing.assert_close(r["features"], reference["features"], **tight)
 

@@ -5,6 +5,12 @@ so over the seed recipe's 11 epochs caching it removes ten of eleven of those pa
 language model receives in place of the image placeholders: (N, num_query_tokens, d_lm) in the model's dtype;
 when the Q-Former or projection trains, the vision encoder's output alone, and those modules run on it each step.
 Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
+
+Where it lives follows its size (`_tier`). Beyond what host memory should hold, it is one memory-mapped file per
+machine that every process of the machine writes its share into and reads from (one copy on disk and in the
+page cache, not one per process), and the file leaves the directory as soon as every process has it open, so
+no run, however it ends, leaves a spill file behind. Kept features are written in place under a temporary
+name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,8 @@ from tqdm.auto import tqdm
 from .families import Family
 
 # Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
-# HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
+# HOST_LIMIT (for all the processes of a machine together), in a memory-mapped file, so a million-image
+# dataset does not need 100+ GB of RAM.
 ON_DEVICE_LIMIT = 2 * 2**30
 HOST_LIMIT = 8 * 2**30
 # Processes exchange their shares of the cache in pieces of at most this much each.
@@ -45,10 +52,10 @@ class DiskFeatures:
         self.array = np.lib.format.open_memmap(path, mode="w+", dtype=stored, shape=shape)
 
     @classmethod
-    def open(cls, path: Path, dtype: torch.dtype) -> DiskFeatures:
-        """An existing file, read-only."""
+    def open(cls, path: Path, dtype: torch.dtype, mode: str = "r") -> DiskFeatures:
+        """An existing file: read-only, or with mode "r+" to write rows into it too."""
         store = cls.__new__(cls)
-        store.path, store.dtype, store.array = path, dtype, np.load(path, mmap_mode="r")
+        store.path, store.dtype, store.array = path, dtype, np.load(path, mmap_mode=mode)
         return store
 
     def write(self, start: int, rows: torch.Tensor) -> None:
@@ -99,16 +106,16 @@ def kept_features(
         why = "" if keep_dir is None else "not kept: the data has no `datasets` fingerprint to name them by"
         return build_feature_cache(model, family, collate, examples, **build), why
     path = Path(keep_dir) / f"{key}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        _remove_abandoned(path.parent)
     found = _readable(path, len(examples))
     if accelerator.num_processes > 1:  # all read, or all compute together: the pass exchanges shares
         flag = torch.tensor([int(found)], device=accelerator.device)
         found = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
     if found:
-        return _load(path, dtype, accelerator.device), f"read from {path}"
-    features = build_feature_cache(model, family, collate, examples, **build)
-    if accelerator.is_main_process:
-        _save(features, path, dtype)
-    return features, f"kept in {path}"
+        return _load(path, dtype, accelerator), f"read from {path}"
+    return build_feature_cache(model, family, collate, examples, keep_as=path, **build), f"kept in {path}"
 
 
 @torch.no_grad()
@@ -153,34 +160,76 @@ def _readable(path: Path, n: int) -> bool:
         return False
 
 
-def _load(path: Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor | DiskFeatures:
+def _load(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | DiskFeatures:
     """Kept features where `build_feature_cache` would have put them: device, host memory or the file."""
     stored = DiskFeatures.open(path, dtype)
-    tier = _tier(stored.array.nbytes)
+    tier = _tier(stored.array.nbytes, accelerator.device, _processes_here(accelerator))
     if tier == "disk":
         return stored
     features = torch.from_numpy(np.array(stored.array)).view(dtype)
     if tier == "host":
-        return features.pin_memory() if device.type == "cuda" else features
-    return features.to(device)
+        return features.pin_memory() if accelerator.device.type == "cuda" else features
+    return features.to(accelerator.device)
 
 
-def _tier(nbytes: int) -> str:
-    """Where a cache of this size lives: "device" (the accelerator), "host" memory, or "disk"."""
-    return "disk" if nbytes > HOST_LIMIT else "host" if nbytes > ON_DEVICE_LIMIT else "device"
+def _tier(nbytes: int, device: torch.device, processes_here: int = 1) -> str:
+    """Where a cache of this size lives: "device" (the accelerator's memory), "host" memory, or "disk" (a file
+    mapped into memory). Each process holds the whole cache, so host memory counts the copies of all the
+    processes on this machine; they share the one file of the disk tier."""
+    if device.type != "cpu" and nbytes <= ON_DEVICE_LIMIT:
+        return "device"
+    return "disk" if nbytes * processes_here > HOST_LIMIT else "host"
+
+
+def _processes_here(accelerator: Any) -> int:
+    """How many of the run's processes run on this machine (they can share memory-mapped files)."""
+    if accelerator.num_processes == 1:
+        return 1
+    from accelerate.utils import gather_object
+
+    host = socket.gethostname()
+    return gather_object([host]).count(host)
 
 
 def _save(features: torch.Tensor | DiskFeatures, path: Path, dtype: torch.dtype) -> None:
     """Written to a temporary name and renamed: a run killed mid-write leaves no file to misread."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    if isinstance(features, DiskFeatures):
-        features.array.flush()
-        shutil.copyfile(features.path, tmp)
-    else:
+    tmp = _temporary(path)
+    try:
         with open(tmp, "wb") as f:
-            np.save(f, features.cpu().view(_AS_STORED[dtype]).numpy())
-    os.replace(tmp, path)
+            if isinstance(features, DiskFeatures):
+                np.save(f, features.array)
+            else:
+                np.save(f, features.cpu().view(_AS_STORED[dtype]).numpy())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    """Where `path` is written before it is complete: named by the machine and process writing it, so that
+    `_remove_abandoned` can tell a write in progress from one whose process died."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _remove_abandoned(directory: Path) -> None:
+    """Temporary files in `directory` whose writer on this machine is gone (a run killed while keeping its
+    features): nothing would ever read or finish them."""
+    host = socket.gethostname()
+    for tmp in directory.glob("*.tmp"):
+        stem, pid, _ = ("", "", "", *tmp.name.rsplit(".", 2))[-3:]
+        if stem.endswith(f".{host}") and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @torch.no_grad()
@@ -197,14 +246,15 @@ def build_feature_cache(
     spill_dir: Path | None = None,
     spill_name: str = "feature_cache",
     upto: str = "projection",
+    keep_as: Path | None = None,
 ) -> torch.Tensor | DiskFeatures:
     """Features for every example, in order: (N, num_query_tokens, d_lm), or with `upto="vision"` the
-    vision encoder's output (N, 1 + patches, d_vision).
+    vision encoder's output (N, 1 + patches, d_vision). With `keep_as`, also written there for later runs.
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.
-    With several processes each computes an equal, contiguous share and the shares are exchanged, so the pass
-    takes 1/world of the time and every process ends up holding the whole cache (any process may draw any
-    example in a later epoch).
+    With several processes each computes an equal, contiguous share, so the pass takes 1/world of the time,
+    and every process ends up holding the whole cache (any process may draw any example in a later epoch): the
+    shares are exchanged, or, in a file the processes of one machine share, each writes its own.
     """
     n, world, rank = len(examples), accelerator.num_processes, accelerator.process_index
     bounds = [i * n // world for i in range(world + 1)]
@@ -216,44 +266,95 @@ def build_feature_cache(
         collate_fn=collate,
         num_workers=num_workers,
     )
+    where = dict(
+        spill=spill_dir and spill_dir / spill_name, keep_as=keep_as, here=_processes_here(accelerator)
+    )
     was_training = model.training
     model.eval()
     store: _Store | None = None
     done = share.start
     desc = "caching image features" + (f" ({len(share)} of {n} in this process)" if world > 1 else "")
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
-        pixels = batch["pixel_values"].to(accelerator.device, dtype)
-        with accelerator.autocast():
-            rows = family.image_features(model, pixels, upto).to(dtype)
-        if store is None:
-            store = _Store(n, rows.shape[1:], dtype, accelerator, spill_dir and spill_dir / spill_name)
-        if share:
-            store.write(done, rows)
-            done += len(rows)
-    model.train(was_training)
-    if store is None:  # no examples at all
-        raise ValueError("no examples to cache image features for")
-    if world > 1:
-        store.exchange(bounds, accelerator)
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
+            pixels = batch["pixel_values"].to(accelerator.device, dtype)
+            with accelerator.autocast():
+                rows = family.image_features(model, pixels, upto).to(dtype)
+            if store is None:
+                store = _Store(n, rows.shape[1:], dtype, accelerator, **where)
+            if share:
+                store.write(done, rows)
+                done += len(rows)
+        if store is None:  # no examples at all
+            raise ValueError("no examples to cache image features for")
+        if world > 1:
+            store.exchange(bounds, accelerator)
+        if keep_as is not None:
+            store.keep(keep_as, accelerator)
+    except BaseException:
+        if store is not None:
+            store.discard()
+        raise
+    finally:
+        model.train(was_training)
     return store.features
 
 
 class _Store:
-    """Where the cache is built: on the accelerator when small, in host memory when larger, and beyond
-    HOST_LIMIT in a memory-mapped file, one per process (each process holds the whole cache)."""
+    """Where the cache is built (see `_tier`): on the accelerator when small, in host memory when larger, and
+    beyond that in a memory-mapped file: in the spill directory, or with `keep_as` under its temporary name.
+    The processes of one machine share the file; on several machines, each process has its own."""
 
-    def __init__(self, n: int, shape: torch.Size, dtype: torch.dtype, accelerator: Any, spill: Path | None):
-        self.dtype = dtype
-        tier = _tier(n * shape.numel() * torch.empty(0, dtype=dtype).element_size())
+    def __init__(
+        self,
+        n: int,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        accelerator: Any,
+        spill: Path | None,
+        keep_as: Path | None,
+        here: int,
+    ):
+        self.dtype, self.shared, self.tmp = dtype, False, None
+        tier = _tier(n * shape.numel() * torch.empty(0, dtype=dtype).element_size(), accelerator.device, here)
         self.features: torch.Tensor | DiskFeatures
-        if spill is not None and tier == "disk":  # spill: the file's path without ".RANK.npy"
-            path = spill.with_name(f"{spill.name}.{accelerator.process_index}.npy")
-            self.features = DiskFeatures(path, (n, *shape), dtype)
-        elif tier != "device":
+        if tier == "disk" and (spill or keep_as):
+            self.features = self._file((n, *shape), accelerator, spill, keep_as, here)
+        elif tier == "host":
             on_gpu = accelerator.device.type == "cuda"
             self.features = torch.empty((n, *shape), dtype=dtype, pin_memory=on_gpu)
         else:
             self.features = torch.empty((n, *shape), dtype=dtype, device=accelerator.device)
+
+    def _file(
+        self, shape: tuple[int, ...], accelerator: Any, spill: Path | None, keep_as: Path | None, here: int
+    ) -> DiskFeatures:
+        """The main process creates the file and the others on its machine open it; a spill file is then
+        removed from its directory at once (it lives on while mapped: no run leaves one behind, however it
+        ends); a file to keep stays, under a temporary name until `keep`."""
+        self.shared = here == accelerator.num_processes
+        if not self.shared:  # several machines: a file of its own for each process, exchanged like memory
+            rank = accelerator.process_index
+            path = _temporary(keep_as) if spill is None else spill.with_name(f"{spill.name}.{rank}.npy")
+            features = DiskFeatures(path, shape, self.dtype)
+            path.unlink()
+            return features
+        path = [_temporary(keep_as) if keep_as is not None else spill.with_name(f"{spill.name}.npy")]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(path)  # the main process's name: its pid names a temporary file
+        path = path[0]
+        if accelerator.is_main_process:
+            features = DiskFeatures(path, shape, self.dtype)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            features = DiskFeatures.open(path, self.dtype, mode="r+")
+        accelerator.wait_for_everyone()
+        if keep_as is not None:
+            self.tmp = path
+        elif accelerator.is_main_process:
+            path.unlink()
+        return features
 
     def write(self, start: int, rows: torch.Tensor) -> None:
         if isinstance(self.features, DiskFeatures):
@@ -265,7 +366,11 @@ class _Store:
         return self.features[torch.arange(start, stop)]
 
     def exchange(self, bounds: list[int], accelerator: Any) -> None:
-        """Every process's share to every process, in rounds of at most EXCHANGE_BYTES per process."""
+        """Every process's share to every process, in rounds of at most EXCHANGE_BYTES per process; in a
+        shared file, each process wrote its own share, and it is enough that all have finished."""
+        if self.shared:
+            accelerator.wait_for_everyone()
+            return
         from accelerate.utils import gather
 
         rank, world = accelerator.process_index, len(bounds) - 1
@@ -285,3 +390,19 @@ class _Store:
                 got = max(0, min(chunk, lengths[i] - k))
                 if i != rank and got:
                     self.write(bounds[i] + k, everyone[i * chunk : i * chunk + got])
+
+    def keep(self, path: Path, accelerator: Any) -> None:
+        """Kept for later runs: the file built in place renamed once every share is in, or written out."""
+        if self.tmp is not None:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                self.features.array.flush()
+                os.replace(self.tmp, path)
+            self.tmp = None
+        elif accelerator.is_main_process:
+            _save(self.features, path, self.dtype)
+
+    def discard(self) -> None:
+        """A failed pass: its temporary file goes (a spill file is already out of its directory)."""
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
