@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On these machines `torch==2.13.0` is a CPU build on local disk; elsewhere pip fetches it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint format tiny-base bench bench-serve chromium clean
+.PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve chromium clean
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ clean:
 # vlmtune against the seed recipe on a CPU proxy of BLIP-2 (a minute or two on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune
 	$(BIN)/python bench/bench.py
+
+# The image-feature cache pass with one process and with two (several processes share one file per machine).
+bench-cache: $(BIN)/vlmtune
+	$(BIN)/python bench/bench_cache.py
 
 # `vlmtune serve` under load on loopback: concurrent clients against one-at-a-time requests.
 bench-serve: $(BIN)/vlmtune

@@ -1,8 +1,9 @@
 """One process of the shared feature-cache test (tests/test_distributed.py), started by torchrun, or alone for
-the reference: builds the image-feature cache of a dataset's train split with the tiny base (`disk`: too big for
-memory; `kept`: kept in a directory, then read back from it; `kept-disk`: both; `bf16`: in bfloat16) and saves
-it, with the number of images this process itself ran through the vision side and the files (device, inode)
-it has mapped that hold features, as OUT_DIR/rank{N}.pt."""
+the reference: builds the image-feature cache of a dataset's train split with the tiny base and saves it, with
+the number of images this process itself ran through the vision side and the files (device, inode) it has
+mapped that hold features, as OUT_DIR/rank{N}.pt. WHERE names the case, by words: `kept` (kept in a directory,
+then read back from it), `apart` (as if each process ran on a machine of its own), `disk` (too big for memory),
+`bf16` (in bfloat16)."""
 
 import sys
 from pathlib import Path
@@ -19,15 +20,17 @@ from vlmtune.modeling import TINY_PATH
 
 def main(data: str, out_dir: str, where: str) -> None:
     accelerator = Accelerator(cpu=True)
-    dtype = torch.bfloat16 if where == "bf16" else torch.float32
+    dtype = torch.bfloat16 if "bf16" in where else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(TINY_PATH, dtype=dtype)
     processor = AutoProcessor.from_pretrained(TINY_PATH)
     family = family_for(model.config)
     seen = []
     image_features = family.image_features
     family.image_features = lambda m, pixels, *a: seen.append(len(pixels)) or image_features(m, pixels, *a)
-    if where.endswith("disk"):
+    if "disk" in where:
         cache.HOST_LIMIT = 0  # as if the features were too big for RAM
+    if "apart" in where:
+        cache._processes_here = lambda accelerator: 1
     cache.EXCHANGE_BYTES = 1  # the shares change hands a row at a time: every round is exercised
     train_set, _ = load_splits(data)
     args = (model, family, Collator(family, processor, 48), CaptionExamples(train_set, per_image=True))
@@ -47,6 +50,7 @@ def main(data: str, out_dir: str, where: str) -> None:
         "mapped": mapped(),
     }
     torch.save(result, Path(out_dir) / f"rank{accelerator.process_index}.pt")
+    accelerator.end_training()  # a process group left to exit-time destructors can abort the process
 
 
 def mapped() -> set[tuple[str, int]]:

@@ -1,5 +1,5 @@
-"""bench/bench.py, briefly: every measurement runs (the seed's loop and vlmtune's, both reading the same
-`datasets` copy from disk) and the table ends with its ratio lines."""
+"""The benchmarks, briefly: bench/bench.py (every measurement runs, the seed's loop and vlmtune's both reading
+the same `datasets` copy from disk, and the table ends with its ratio lines) and bench/bench_cache.py."""
 
 import json
 import re
@@ -33,3 +33,14 @@ def test_benchmark_prints_the_table_and_ratios(tmp_path):
     trained = [results[k]["samples"] for k in ("seed-train", "vlmtune-train", "vlmtune-train-seed-lora")]
     assert trained == [4, 4, 4]
     assert all(0 <= r["work_gib"] <= r["peak_gib"] for r in results.values())
+
+
+@pytest.mark.slow
+def test_cache_benchmark_prints_its_table():
+    """bench/bench_cache.py, small: one and two processes, each tier, and two processes share one file."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_cache.py"), "--images", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    rows = re.findall(r"^\| (memory|disk) +\| +(\d) +\| +[\d.]+ \| +(\d+) \|", done.stdout, re.M)
+    assert sorted(rows) == [(t, k, "1") for t in ("disk", "memory") for k in ("1", "2")]  # one file each
+    assert re.search(r"^disk, 2 processes over 1: \d+\.\dx$", done.stdout, re.M)

@@ -194,17 +194,18 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "k.npy"])
 
 
-def test_host_memory_counts_every_process_on_the_machine(monkeypatch):
-    """Each process holds the whole cache: what fits in host memory for one process may not for eight, which
-    then share one file."""
+def test_processes_on_one_machine_share_one_file_off_the_accelerator(monkeypatch):
+    """Every process reads the whole cache: in host memory each would hold a copy, so processes that share a
+    machine share one file; on an accelerator, each keeps its own copy while it is small."""
     import vlmtune.cache as cache
 
     monkeypatch.setattr(cache, "HOST_LIMIT", 100)
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert [cache._tier(60, cpu, k) for k in (1, 2)] == ["host", "disk"]
-    assert cache._tier(60, gpu, 8) == "device"  # on each accelerator, no host copy
     monkeypatch.setattr(cache, "ON_DEVICE_LIMIT", 50)
-    assert [cache._tier(60, gpu, k) for k in (1, 2)] == ["host", "disk"]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [cache._tier(10, cpu, k) for k in (1, 2)] == ["host", "disk"]
+    assert [cache._tier(200, cpu, k) for k in (1, 2)] == ["disk", "disk"]
+    assert [cache._tier(10, gpu, k) for k in (1, 8)] == ["device", "device"]
+    assert [cache._tier(60, gpu, k) for k in (1, 8)] == ["host", "disk"]
 
 
 def test_the_store_key_follows_the_model_and_the_data(tiny, football):

@@ -146,12 +146,13 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-@pytest.mark.parametrize("where", ["memory", "disk", "kept", "kept-disk", "bf16"])
+@pytest.mark.parametrize("where", ["shared", "kept", "apart", "apart-disk", "kept-apart", "bf16-apart"])
 def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     """Each of two processes runs half the images through the vision side, and both end with the whole
-    cache, equal to what one process computes alone: in memory; too big for memory, in one file both
-    processes map, which leaves no file behind; kept for later runs, which both processes then read, as well
-    when kept features are too big for memory; and in bfloat16, which travels as bytes."""
+    cache, equal to what one process computes alone. On one machine: in one file both processes map, which
+    leaves no file behind; kept for later runs, which both then read. As if on two machines: in memory, or too
+    big for it in a file of each process's own, with the shares exchanged, kept, and in bfloat16, which
+    travels as bytes."""
     worker = [str(Path(__file__).parent / "cache_worker.py"), football]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     alone, shared = tmp_path / "alone", tmp_path / "shared"
@@ -164,13 +165,18 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     reference = torch.load(alone / "rank0.pt", weights_only=False)
     ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
-    on_disk = where.endswith("disk")
-    if on_disk:  # one file on disk for the machine, not one per process
-        assert len(ranks[0]["mapped"]) == 1 and ranks[0]["mapped"] == ranks[1]["mapped"]
+    assert reference["kind"].__name__ == ("DiskFeatures" if "disk" in where else "Tensor")  # one process
+    files = [r["mapped"] for r in ranks]
+    if "apart" not in where:  # one file for the machine, not one per process
+        assert len(files[0]) == 1 and files[0] == files[1]
+    elif "disk" in where:
+        assert len(files[0]) == len(files[1]) == 1 and files[0] != files[1]
     assert not list(shared.glob("*.npy*")) and not list(shared.glob("kept/*.tmp"))
     for r in ranks:
-        assert r["kind"].__name__ == ("DiskFeatures" if on_disk else "Tensor")
-        tight = {} if where == "bf16" else dict(rtol=1e-5, atol=1e-6)  # bf16: its own default tolerance
+        assert r["kind"].__name__ == (
+            "Tensor" if where in ("apart", "kept-apart", "bf16-apart") else "DiskFeatures"
+        )
+        tight = {} if "bf16" in where else dict(rtol=1e-5, atol=1e-6)  # bf16: its own default tolerance
         torch.testing.assert_close(r["features"], reference["features"], **tight)
 
 

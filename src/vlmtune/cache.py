@@ -6,11 +6,12 @@ language model receives in place of the image placeholders: (N, num_query_tokens
 when the Q-Former or projection trains, the vision encoder's output alone, and those modules run on it each step.
 Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
 
-Where it lives follows its size (`_tier`). Beyond what host memory should hold, it is one memory-mapped file per
-machine that every process of the machine writes its share into and reads from (one copy on disk and in the
-page cache, not one per process), and the file leaves the directory as soon as every process has it open, so
-no run, however it ends, leaves a spill file behind. Kept features are written in place under a temporary
-name and renamed when complete.
+Where it lives follows its size (`_tier`). Beyond what host memory should hold, or off the accelerator when
+several processes share a machine, it is one memory-mapped file per machine that every process of the machine
+writes its share into and reads from (one copy in the page cache, not one per process, and nothing to
+exchange), and the file leaves the directory as soon as every process has it open, so no run, however it ends,
+leaves a spill file behind. Kept features are written in place under a temporary name and renamed when
+complete.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from tqdm.auto import tqdm
 from .families import Family
 
 # Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
-# HOST_LIMIT (for all the processes of a machine together), in a memory-mapped file, so a million-image
-# dataset does not need 100+ GB of RAM.
+# HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
 ON_DEVICE_LIMIT = 2 * 2**30
 HOST_LIMIT = 8 * 2**30
 # Processes exchange their shares of the cache in pieces of at most this much each.
@@ -174,11 +174,11 @@ def _load(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | Di
 
 def _tier(nbytes: int, device: torch.device, processes_here: int = 1) -> str:
     """Where a cache of this size lives: "device" (the accelerator's memory), "host" memory, or "disk" (a file
-    mapped into memory). Each process holds the whole cache, so host memory counts the copies of all the
-    processes on this machine; they share the one file of the disk tier."""
+    mapped into memory). Every process reads the whole cache: in host memory each would hold a copy, so the
+    processes of one machine share one file instead (in the page cache while memory allows)."""
     if device.type != "cpu" and nbytes <= ON_DEVICE_LIMIT:
         return "device"
-    return "disk" if nbytes * processes_here > HOST_LIMIT else "host"
+    return "disk" if processes_here > 1 or nbytes > HOST_LIMIT else "host"
 
 
 def _processes_here(accelerator: Any) -> int:
@@ -376,7 +376,7 @@ class _Store:
         rank, world = accelerator.process_index, len(bounds) - 1
         lengths = [bounds[i + 1] - bounds[i] for i in range(world)]
         row = self.features[torch.tensor([0])]
-        chunk = max(1, EXCHANGE_BYTES // (row.numel() * row.element_size()))
+        chunk = min(max(lengths), max(1, EXCHANGE_BYTES // (row.numel() * row.element_size())))
         # Sent as raw bytes: NCCL has no int16 and not every gloo build gathers bf16, every backend bytes.
         wire = torch.uint8
         for k in range(0, max(lengths), chunk):
