@@ -1,12 +1,12 @@
 """The image-feature cache pass with one process and with several, in memory and too big for memory (a file):
 seconds, what is left on disk, and each process's peak memory, side by side, each row in a run of its own.
 
-    python bench/bench_cache.py                      # CPU proxy, 1 and 2 processes (gloo), under a minute
+    python bench/bench_cache.py                      # CPU proxy, 1 and 2 processes (gloo), about a minute
     python bench/bench_cache.py --processes 1 8      # a machine with 8 GPUs
 
 Every row keeps the features with `--feature-cache-dir` (a sweep's first run) and caches the vision encoder's
 output (`--train-qformer`'s cache, the bigger one: 257 x 192 floats an image on the proxy). "disk" rows set the
-host-memory limit to zero, as if the features were too big for RAM. `on disk` counts every file under the run
+host- and device-memory limits to zero, as if the features were too big for memory. `on disk` counts every file under the run
 and keep directories once the pass is over; the table ends with one line per tier: the pass's samples/s with
 the most processes over one process's.
 """
