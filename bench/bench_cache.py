@@ -6,9 +6,9 @@ seconds, what is left on disk, and each process's peak memory, side by side, eac
 
 Every row keeps the features with `--feature-cache-dir` (a sweep's first run) and caches the vision encoder's
 output (`--train-qformer`'s cache, the bigger one: 257 x 192 floats an image on the proxy). "disk" rows set the
-host- and device-memory limits to zero, as if the features were too big for memory. `on disk` counts every file under the run
-and keep directories once the pass is over; the table ends with one line per tier: the pass's samples/s with
-the most processes over one process's.
+host- and device-memory limits to zero, as if the features were too big for memory. `on disk` counts every
+file under the run and keep directories once the pass is over; the table ends with one line per tier: the
+pass's samples/s with the most processes over one process's.
 """
 
 from __future__ import annotations
