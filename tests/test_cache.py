@@ -25,6 +25,18 @@ def adapter(run):
     return load_file(str(run / "adapter_model.safetensors"))
 
 
+def too_big_for_memory(monkeypatch) -> list:
+    """Features go to a file, as if they were too big for RAM; returns the files rows are written to."""
+    import vlmtune.cache as cache
+
+    files, write = [], cache.DiskFeatures.write
+    monkeypatch.setattr(cache, "HOST_LIMIT", 0)
+    monkeypatch.setattr(
+        cache.DiskFeatures, "write", lambda self, *a: files.append(self.path) or write(self, *a)
+    )
+    return files
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_path).eval()
@@ -88,17 +100,12 @@ def test_when_the_qformer_trains_only_the_vision_encoder_is_cached(football, tmp
 def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):
     """Features too big for memory go to a file in the run directory, which leaves the directory as soon as
     it is open: the run trains from it, and leaves no file behind."""
-    import vlmtune.cache as cache
 
     def run(name):
         return short_run(football, tmp_path / name)
 
     memory = run("memory")
-    files, write = [], cache.DiskFeatures.write
-    monkeypatch.setattr(cache, "HOST_LIMIT", 0)  # as if the features were too big for RAM
-    monkeypatch.setattr(
-        cache.DiskFeatures, "write", lambda self, *a: files.append(self.path) or write(self, *a)
-    )
+    files = too_big_for_memory(monkeypatch)
     disk = run("disk")
     assert set(files) == {disk / "feature_cache.npy"}
     assert not list(disk.glob("feature_cache*")) and not list(memory.glob("feature_cache*"))
@@ -153,11 +160,7 @@ def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_pat
     renamed when complete (no second copy from a spill file); a pass that fails leaves nothing there."""
     import vlmtune.cache as cache
 
-    keep, files, write = tmp_path / "features", [], cache.DiskFeatures.write
-    monkeypatch.setattr(cache, "HOST_LIMIT", 0)
-    monkeypatch.setattr(
-        cache.DiskFeatures, "write", lambda self, *a: files.append(self.path) or write(self, *a)
-    )
+    keep, files = tmp_path / "features", too_big_for_memory(monkeypatch)
     first = short_run(football, tmp_path / "first", feature_cache_dir=str(keep))
     (kept,) = keep.iterdir()
     assert {f.parent for f in files} == {keep} and all(f.name.startswith(kept.name) for f in files)
