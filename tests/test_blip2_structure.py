@@ -2,12 +2,12 @@
 LoRA lands exactly where the README says, with the trainable parameter count the README states."""
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Blip2Config
 
+from vlmtune.config import TrainConfig
 from vlmtune.families import family_for
 from vlmtune.modeling import add_lora, trainable_parameters
 
@@ -53,15 +53,7 @@ README_TRAINABLE = 23_592_960
 
 
 def lora_cfg(**kw):
-    base = dict(
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        lora_targets=None,
-        train_qformer=False,
-        train_projection=False,
-    )
-    return SimpleNamespace(**(base | kw))
+    return TrainConfig(**(dict(lora_r=16, lora_alpha=32, lora_dropout=0.05) | kw))
 
 
 @pytest.fixture(scope="module")

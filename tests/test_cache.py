@@ -90,7 +90,11 @@ def test_when_the_qformer_trains_only_the_vision_encoder_is_cached(football, tmp
         return adapter(short_run(football, tmp_path / mode, vision_cache=mode, **{trains: True}))
 
     cached, plain = run("auto"), run("off")
-    assert "image feature cache: on (the Q-Former or projection trains" in capsys.readouterr().out
+    group = {"train_qformer": "qformer", "train_projection": "projection"}[trains]
+    assert (
+        f"image feature cache: on (--train-modules {group}: the frozen vision encoder"
+        in capsys.readouterr().out
+    )
     assert cached.keys() == plain.keys()
     assert any(("qformer" if trains == "train_qformer" else "language_projection") in k for k in cached)
     for k in cached:

@@ -283,6 +283,13 @@ def test_evaluate_keeps_every_coco_reference(tmp_path):
     assert main(["evaluate", "--model", "tiny", "--data", str(source), "--output", str(out)]) == 0
     rows = read_jsonl(out / "predictions.jsonl")
     assert [r["references"] for r in rows] == CAPTIONS  # both captions of every image
+    # Predictions join back to the user's files and to COCO's ids, and COCO's result file is written.
+    doc = json.loads((source / "annotations" / "captions_train.json").read_text())
+    by_id = {im["id"]: im["file_name"] for im in doc["images"]}
+    assert [Path(r["source"]).name for r in rows] == [by_id[r["image_id"]] for r in rows]
+    assert sorted(r["image_id"] for r in rows) == sorted(by_id)
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results == [{"image_id": r["image_id"], "caption": r["captions"]["base"]} for r in rows]
 
 
 def test_one_caption_per_image_per_epoch(tmp_path):
@@ -311,3 +318,23 @@ def test_one_caption_per_image_per_epoch(tmp_path):
         )
         timing = [r for r in read_jsonl(run / "metrics.jsonl") if "train_samples" in r][-1]
         assert timing["train_samples"] == expected, mode
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "manifest"])
+def test_a_caption_of_the_wrong_type_is_one_more_named_bad_record(layout, tmp_path, capsys):
+    """`datasets`' JSON reader stops at a number among captions ("Column(/text) changed from string to
+    number in row 13") and names nothing else; vlmtune names it and every other bad record in one report."""
+    names = write_images(tmp_path)
+    rows = [{"file_name": n, "text": f"caption {i}"} for i, n in enumerate(names)]
+    rows[1]["file_name"] = "missing.png"
+    rows[3]["text"] = 13
+    rows[4]["text"] = None
+    name = "metadata.jsonl" if layout == "imagefolder" else "train.jsonl"
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = str(tmp_path if layout == "imagefolder" else tmp_path / name)
+    code = main(["train", "--model", "tiny", "--data", source, "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "3 bad record(s)" in err, err
+    assert "row 1, image" in err and "missing.png" in err and "does not exist" in err
+    assert "row 3, text: expected text, got 13 (a number)" in err
+    assert "row 4, text: expected a non-empty caption, got None" in err

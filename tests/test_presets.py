@@ -6,6 +6,7 @@ import pytest
 
 from vlmtune.cli import parse
 from vlmtune.config import TrainConfig
+from vlmtune.families import FAMILIES
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
@@ -20,3 +21,11 @@ def test_preset_parses(preset):
     assert isinstance(cfg, TrainConfig)
     # the header shows how to launch it
     assert "vlmtune train --config " + str(preset.relative_to(preset.parents[2])) in preset.read_text()
+
+
+@pytest.mark.parametrize(
+    "preset", [p for p in PRESETS if p.parent.name != "tiny"], ids=lambda p: p.parent.name
+)
+def test_each_preset_names_a_checkpoint_its_family_was_written_for(preset):
+    _, cfg = parse(["train", "--config", str(preset)])
+    assert any(cfg.model in f.hub_ids for f in FAMILIES), cfg.model

@@ -2,8 +2,9 @@
 
 For BLIP-2 OPT-2.7B the frozen ViT-g forward is about half of each training sample's FLOPs (0.52 of ~1.1 TFLOP),
 so over the seed recipe's 11 epochs caching it removes ten of eleven of those passes. The cache holds what the
-language model receives in place of the image placeholders: (N, num_query_tokens, d_lm) in the model's dtype;
-when the Q-Former or projection trains, the vision encoder's output alone, and those modules run on it each step.
+language model receives in place of the image placeholders, (N, tokens, d_lm) in the model's dtype, or, when a
+module after the vision encoder trains (or reads the text), the vision encoder's output alone, and the modules
+after it run on it each step: as far along the image path as the family's `cache_level` says nothing changes.
 Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
 
 Where it lives follows its size (`_tier`). Beyond what host memory should hold, or off the accelerator when
@@ -69,20 +70,13 @@ class DiskFeatures:
 
 
 def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[str | None, str]:
-    """(what to cache, why) for a training config: the image path up to the language projection when none
-    of it trains, the vision encoder's output alone when the Q-Former or projection does, or None."""
+    """(what to cache, why) for a training config: as far along the image path as nothing trains (the
+    family's `cache_level`: "projection", "vision"), or None."""
     if cfg.vision_cache == "off":
         return None, "--vision-cache off"
     if getattr(cfg, "streaming", False):
         return None, "--streaming: each image is decoded when the stream reaches it"
-    if not family.supports_feature_cache(model):
-        return None, "this transformers version cannot take precomputed image features (needs >= 5.24)"
-    if cfg.train_qformer or cfg.train_projection:
-        return (
-            "vision",
-            "the Q-Former or projection trains: the frozen vision encoder's output is computed once",
-        )
-    return "projection", "vision side frozen: image features computed once and reused every epoch"
+    return family.cache_level(cfg.groups(), model)
 
 
 def kept_features(
@@ -248,7 +242,7 @@ def build_feature_cache(
     upto: str = "projection",
     keep_as: Path | None = None,
 ) -> torch.Tensor | DiskFeatures:
-    """Features for every example, in order: (N, num_query_tokens, d_lm), or with `upto="vision"` the
+    """Features for every example, in order: (N, tokens, d_lm), or with `upto="vision"` the
     vision encoder's output (N, 1 + patches, d_vision). With `keep_as`, also written there for later runs.
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.

@@ -22,6 +22,7 @@ from .config import (
     DemoConfig,
     EvaluateConfig,
     MergeConfig,
+    ModelsConfig,
     ServeConfig,
     TrainConfig,
     load_yaml,
@@ -36,6 +37,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
     "data": (DataCheckConfig, "vlmtune.datacheck:check"),
     "serve": (ServeConfig, "vlmtune.serve:serve"),
+    "models": (ModelsConfig, "vlmtune.catalog:models"),
     "demo": (DemoConfig, "vlmtune.demo:demo"),
 }
 USAGE_ERRORS = (ConfigError, ValueError, FileExistsError, NotImplementedError, ImportError)

@@ -55,7 +55,9 @@ class TrainConfig:
     val_fraction: float = opt(0.0, "fraction of the train split held out for validation when no --val-split")
     image_column: str = opt("image", "column holding the image")
     text_column: str = opt("text", "column holding the caption (the target)")
-    prompt: str = opt("", "text before every caption, masked out of the loss (e.g. 'a photo of')")
+    prompt: str | None = opt(
+        None, "text before every caption, masked out of the loss (e.g. 'a photo of'; default: the family's)"
+    )
     question_column: str | None = opt(
         None,
         "VQA: column with the question; the prompt becomes 'Question: ... Answer:', the target --text-column",
@@ -82,8 +84,13 @@ class TrainConfig:
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA path")
     lora_targets: str | None = opt(None, "peft target_modules regex (default: the family's, see README)")
-    train_qformer: bool = opt(False, "also train the Q-Former in full (saved with the adapter)")
-    train_projection: bool = opt(False, "also train the language projection in full (saved with the adapter)")
+    train_modules: list[str] = opt(
+        [],
+        "module groups trained in full next to LoRA, saved with the adapter (the family's: `vlmtune models`; "
+        "e.g. qformer projection for BLIP-2); comma- or space-separated",
+    )
+    train_qformer: bool = opt(False, "the same as --train-modules qformer")
+    train_projection: bool = opt(False, "the same as --train-modules projection")
     # optimisation
     epochs: int = opt(5, "passes over the training split")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)")
@@ -130,6 +137,14 @@ class TrainConfig:
     sample_every: int = opt(100, "optimizer steps between sample captions (0: only at the end)")
     num_samples: int = opt(2, "images captioned at each sample point")
 
+    def groups(self) -> list[str]:
+        """The module groups that train in full: --train-modules, with the older single-group spellings."""
+        named = [g.strip() for item in self.train_modules for g in item.split(",") if g.strip()]
+        for flag, group in ((self.train_qformer, "qformer"), (self.train_projection, "projection")):
+            if flag and group not in named:
+                named.append(group)
+        return named
+
 
 @dataclass
 class CaptionConfig:
@@ -154,7 +169,10 @@ class AskConfig:
     question: str = opt("", "the question", positional=True)
     run: str | None = opt(None, "run directory from `vlmtune train`")
     model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
-    template: str = opt("Question: {question} Answer:", "prompt template; {question} is replaced")
+    template: str | None = opt(
+        None,
+        "prompt template, {question} is replaced (default: the family's, e.g. 'Question: {question} Answer:')",
+    )
     max_new_tokens: int = opt(20, "longest answer in tokens")
     num_beams: int = opt(1, "beam search width (1: greedy)")
     dtype: Dtype = opt("auto", "weights dtype")
@@ -210,6 +228,13 @@ class DataCheckConfig:
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(64, "token budget per caption: longer ones are counted as cut")
     model: str = opt("tiny", "whose tokenizer counts caption tokens (hub id, directory or 'tiny')")
+
+
+@dataclass
+class ModelsConfig:
+    """List the model families vlmtune trains: checkpoints, LoRA targets, trainable groups, cache, memory."""
+
+    json: bool = opt(False, "print the table as JSON")
 
 
 @dataclass
@@ -336,14 +361,22 @@ def validate_train(cfg: TrainConfig) -> None:
                 p.append(f"--quantize {cfg.quantize} needs bitsandbytes: pip install 'vlmtune[quant]'")
     import torch
 
+    from .families import family_for
     from .modeling import ModelLoadError, load_config
 
     try:
-        load_config(
-            cfg.model
-        )  # the config alone: an unknown model or an unreachable hub id, before any weights
+        # The config alone: an unknown or unsupported model, or an unreachable hub id, before any weights.
+        family = family_for(load_config(cfg.model))
     except (ModelLoadError, ValueError) as e:
         p.append(f"--model: {e}")
+    else:
+        unknown = [g for g in cfg.groups() if g not in family.groups]
+        if unknown:
+            offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
+            p.append(
+                f"--train-modules {', '.join(unknown)}: {family.name} has no such module group; its groups: "
+                f"{offered}"
+            )
     if cfg.dtype == "float16" and not torch.cuda.is_available():
         p.append("--dtype float16 needs a CUDA GPU; on the CPU use float32 (or bfloat16)")
     if cfg.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

@@ -126,7 +126,7 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
     """
     import datasets
 
-    from .formats import load_coco, load_manifest
+    from .formats import load_coco, load_manifest, load_metadata_folder, mixed_metadata
 
     kind, path = detect(source)
     if kind == "hub":
@@ -135,12 +135,14 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
         except (ConnectionError, OSError) as e:  # offline, or no such repository
             raise _unreachable(source, e) from e
     try:
-        if kind == "imagefolder":
+        if kind == "imagefolder" and not mixed_metadata(path):
             return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
         if kind in ("parquet", "arrow"):
             files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
             return datasets.load_dataset(kind, data_files=_files_by_split(files), streaming=streaming)
-        if kind == "coco":
+        if kind == "imagefolder":  # a value of the wrong type: read here, so it is one more bad record
+            loaded = load_metadata_folder(path)
+        elif kind == "coco":
             loaded = load_coco(path, image_root)
         elif kind == "manifest":
             loaded = load_manifest(path)
@@ -268,6 +270,15 @@ def as_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return to_rgb(value)
     raise DataError(f"{where}: expected an image, got {type(value).__name__}")
+
+
+def file_of(value: Any) -> str | None:
+    """The file an image cell names: a path, or `datasets`' {"path": ...} (None for bytes alone)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return value.get("path")
+    return None
 
 
 def targets_of(value: Any) -> list[str]:

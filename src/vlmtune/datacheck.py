@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import DataCheckConfig
-from .data import DataError, as_image, iter_column, load_dict, pick_split, targets_of
+from .data import DataError, as_image, file_of, iter_column, load_dict, pick_split, targets_of
 
 
 @dataclass
@@ -30,7 +30,7 @@ class BadRecord:
         return f"row {self.row}, {self.field}{where}: {self.why}"
 
 
-def _raw_images(dataset: Any, column: str) -> Any:
+def raw_images(dataset: Any, column: str) -> Any:
     """The image column without decoding (so a broken image is a finding, not a crash)."""
     import datasets
 
@@ -39,34 +39,36 @@ def _raw_images(dataset: Any, column: str) -> Any:
     return dataset
 
 
-def _file_of(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return value.get("path")
-    return None
-
-
 def find_bad_records(
     dataset: Any, image_column: str, text_column: str, *, progress: bool = True, sizes: list | None = None
 ) -> list[BadRecord]:
     """Every bad record of `dataset`, decoding each image as training would. `sizes` collects (w, h, mode)."""
     bad: list[BadRecord] = []
     bar = tqdm(total=len(dataset), desc="checking records", unit="record", disable=not progress)
-    for i, value in enumerate(iter_column(_raw_images(dataset, image_column), image_column)):
+    for i, value in enumerate(iter_column(raw_images(dataset, image_column), image_column)):
         bar.update(1)
         try:
             image = as_image(value, f"row {i}")
             if sizes is not None:
                 sizes.append((image.width, image.height, image.info.get("source_mode", image.mode)))
         except DataError as e:
-            why, file = str(e), _file_of(value)
+            why, file = str(e), file_of(value)
             if file and why.startswith(f"image {file} "):
                 why = why[len(f"image {file} ") :]
             bad.append(BadRecord(i, image_column, why, file))
     bar.close()
+    # What the loader itself found wrong while reading (a caption of the wrong type, say), by row and field.
+    found: dict[tuple[int, str], str] = {}
+    if "_problems" in (getattr(dataset, "column_names", None) or []):
+        for i, problems in enumerate(iter_column(dataset, "_problems")):
+            for p in problems:
+                field, _, why = p.partition(": ")
+                found[i, field] = why
+                bad.append(BadRecord(i, field, why))
     texts = iter_column(dataset, text_column)
     for i, value in enumerate(texts):
+        if (i, text_column) in found:
+            continue
         for t in targets_of(value):
             if not isinstance(t, str) or not t.strip():
                 bad.append(BadRecord(i, text_column, f"expected a non-empty caption, got {t!r}"))

@@ -2,7 +2,9 @@
 
 OUTPUT/
   metrics.json        per model: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; tokenizer, library versions, notes
-  predictions.jsonl   per image: its id, path in the report, references, each model's caption
+  predictions.jsonl   per image: its row, source file (and COCO image_id), path in the report, references, each
+                      model's caption
+  coco_results.json   for COCO data: [{"image_id", "caption"}] of the last model, as COCO's tools read it
   report.html         metrics table, loss curve, gallery (report.md: the same as Markdown)
   loss.svg, images/   what the report shows
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvaluateConfig
-from .data import DataError, as_image, load_dict, pick_split
+from .data import DataError, as_image, file_of, iter_column, load_dict, pick_split
 from .infer import Captioner
 from .metrics import caption_scores, vqa_scores
 from .report import loss_svg, write_report
@@ -90,6 +92,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         captions[label] = got
         del captioner
 
+    sources = _sources(ds, cfg.image_column)
+    image_ids = list(ds["image_id"]) if "image_id" in ds.column_names else None
     rows = []
     for i, image in enumerate(images):
         thumb = image.copy()
@@ -97,13 +101,21 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         thumb.save(out / "images" / f"{i:05d}.png")
         row = {
             "id": i,
+            "source": sources[i],  # the user's own file, to join predictions back to their data
             "image": f"images/{i:05d}.png",
             "references": references[str(i)],
             "captions": {label: captions[label][i] for label in captions},
         }
+        if image_ids is not None:
+            row["image_id"] = _coco_id(image_ids[i])
         if questions:
             row["question"] = questions[i]
         rows.append(row)
+    if image_ids is not None and not questions:
+        # COCO's own result format, which its evaluation tools (and leaderboards) read: one caption an image.
+        last = list(captions)[-1]
+        results = [{"image_id": r["image_id"], "caption": r["captions"][last]} for r in rows]
+        atomic_write_text(out / "coco_results.json", json.dumps(results) + "\n")
     svg = loss_svg(Path(cfg.run) / METRICS_FILE) if cfg.run else None
     if svg:
         (out / "loss.svg").write_text(svg)
@@ -125,6 +137,18 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _print_table(table)
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} and {out / 'report.html'}")
     return summary
+
+
+def _sources(ds: Any, column: str) -> list[str | None]:
+    """Each row's image file as the dataset names it (None for images stored as bytes alone)."""
+    from .datacheck import raw_images
+
+    return [file_of(v) for v in iter_column(raw_images(ds, column), column)]
+
+
+def _coco_id(value: Any) -> Any:
+    """COCO image ids are integers; vlmtune's COCO reader keeps them as text."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
 def _version(package: str) -> str:

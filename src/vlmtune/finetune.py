@@ -40,7 +40,7 @@ from .data import (
     load_splits,
 )
 from .datacheck import bad_as_dicts, bad_report, find_bad_records
-from .families import IGNORE_INDEX, Family
+from .families import IGNORE_INDEX, Family, to_model
 from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
 from .rundir import (
     CONFIG_FILE,
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg,
         dtype,
         data.samples,
-        family.frozen_modules(cfg.train_qformer, cfg.train_projection),
+        family.frozen_modules(cfg.groups()),
         # One process writes the logs: every process logs the same (synchronised) steps.
         JsonlLog(run / METRICS_FILE, enabled=accelerator.is_main_process),
         JsonlLog(run / SAMPLES_FILE, enabled=accelerator.is_main_process),
@@ -212,7 +212,8 @@ def _batches(
 ) -> _Batches:
     """Examples, the feature cache when the vision side is frozen, the epoch order and the loaders."""
     collate = Collator(family, processor, cfg.max_length)
-    prompting = Prompting(cfg.prompt, cfg.question_column, family.question_template)
+    prompt = family.caption_prompt if cfg.prompt is None else cfg.prompt
+    prompting = Prompting(prompt, cfg.question_column, family.question_template)
     if cfg.streaming:
         from .stream import BadRecordLog, StreamExamples
 
@@ -459,7 +460,7 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
         )
     elif cfg.gradient_checkpointing:
         # Non-reentrant checkpointing passes gradients to LoRA weights even though every input is frozen.
-        lm, kwargs = model.language_model, {"use_reentrant": False}
+        lm, kwargs = family.language_model(model), {"use_reentrant": False}
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.24
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
@@ -470,7 +471,7 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     if cfg.compile:
         # In place (nn.Module.compile): parameter names, and so the saved adapter, stay as they are. The
         # language model is where training spends its time; the vision side runs once per image.
-        model.get_base_model().language_model.compile()
+        family.language_model(model).compile()
     trainable, total = trainable_parameters(model)
     validate_against_model(replace(cfg, lora_targets=None), model, trainable)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -562,7 +563,7 @@ class _Session:
                         batch, data.features, data.cache_upto, family, self.model, accelerator.device
                     )
             else:
-                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+                batch = to_model(batch, accelerator.device, self.dtype)
             loss = self.model(**family.loss_inputs(batch)).loss
             accelerator.backward(loss)
             finite = True
@@ -795,8 +796,8 @@ def evaluate_loss(
         if features is not None:
             with_features(batch, features, upto, family, model, accelerator.device)
         else:
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            batch = to_model(batch, accelerator.device, dtype)
+        n = (batch["labels"] != IGNORE_INDEX).sum()  # each target token is scored once, in every family
         total += torch.stack([model(**family.loss_inputs(batch)).loss.double() * n, n.double()])
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
@@ -808,5 +809,5 @@ def with_features(
 ) -> dict[str, Any]:
     """`batch` with its images' cached features in place of pixels: (B,) row indices -> forward() arguments."""
     index = batch.pop("image_index").to(features.device)
-    batch.update(family.cached_inputs(features[index].to(device, non_blocking=True), model, upto))
+    batch.update(family.cached_inputs(features[index].to(device, non_blocking=True), model, upto, batch))
     return batch

@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,7 @@ def _dataset(rows: dict[str, list]) -> Any:
     every run (kept image features are found again), and any change gives another."""
     import datasets
 
+    rows = _typed(rows)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode())
     for image in rows["image"]:
         try:
@@ -127,3 +128,76 @@ def _dataset(rows: dict[str, list]) -> Any:
             digest.update(b"missing;")
     table = datasets.Dataset.from_dict(rows)
     return datasets.Dataset(table.data, info=table.info, fingerprint=digest.hexdigest()[:16])
+
+
+def mixed_metadata(folder: Path) -> bool:
+    """Whether an image folder's metadata.jsonl files give some column values of more than one JSON type (a
+    caption that is a number, say): `datasets`' JSON reader stops at the first such row, naming no record."""
+    kinds: dict[str, set[type]] = defaultdict(set)
+    for meta in folder.rglob("metadata.jsonl"):
+        for line in meta.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            for key, value in (record if isinstance(record, dict) else {}).items():
+                if value is not None:
+                    kinds[key].add(type(value))
+    return any(len(types) > 1 for types in kinds.values())
+
+
+def load_metadata_folder(folder: Path) -> Any:
+    """An image folder read as `datasets`' imagefolder reads it (every metadata.jsonl, its `file_name`
+    relative to its own folder, becomes the `image` column; a top folder named train/validation/test is a
+    split), except that a value of the wrong type is one more bad record instead of an error (`_typed`)."""
+    import datasets
+
+    from .data import DataError
+
+    splits: dict[str, dict[str, list]] = {}
+    for meta in sorted(folder.rglob("metadata.jsonl")):
+        top = meta.relative_to(folder).parts[0]
+        split = top if top in ("train", "validation", "test") and top != meta.name else "train"
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{meta}, line {n}: not JSON ({e})") from e
+            if not isinstance(record, dict) or "file_name" not in record:
+                raise DataError(f"{meta}, line {n}: expected an object with a file_name")
+            rows = splits.setdefault(split, defaultdict(list))
+            rows["image"].append(str((meta.parent / str(record.pop("file_name"))).resolve()))
+            rows["_record"].append(record)
+    out = {}
+    for split, rows in splits.items():
+        records = rows.pop("_record")
+        for key in sorted({k for r in records for k in r}):
+            rows[key] = [r.get(key) for r in records]
+        out[split] = _dataset(dict(rows))
+    return datasets.DatasetDict(out)
+
+
+def _typed(rows: dict[str, list]) -> dict[str, list]:
+    """`rows` with every column of one type, as Arrow needs: a value of another type than the column's usual
+    one (a caption that is a number) becomes null, and a `_problems` column names it for the record check."""
+    problems: list[list[str]] = [[] for _ in rows["image"]]
+    for key, values in rows.items():
+        types = Counter(type(v) for v in values if v is not None)
+        if key == "image" or len(types) < 2:
+            continue
+        usual = types.most_common(1)[0][0]
+        for i, v in enumerate(values):
+            if v is not None and type(v) is not usual:
+                problems[i].append(f"{key}: expected {_kind(usual)}, got {v!r} ({_kind(type(v))})")
+                values[i] = None
+    return rows | {"_problems": problems} if any(problems) else rows
+
+
+def _kind(t: type) -> str:
+    return {
+        str: "text",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        list: "a list",
+        dict: "an object",
+    }.get(t, t.__name__)

@@ -33,9 +33,7 @@ class Captioner:
     def load(cls, run: str | None = None, model: str | None = None, dtype: str = "auto") -> Captioner:
         device = default_device()
         m, processor, family, info = load_for_inference(run, model, dtype, device)
-        return cls(
-            m, processor, family, info.get("config", {}).get("prompt", ""), pick_dtype(dtype, device), device
-        )
+        return cls(m, processor, family, trained_prompt(info, family), pick_dtype(dtype, device), device)
 
     @classmethod
     def from_run(cls, run: str, dtype: str = "auto") -> Captioner:
@@ -77,10 +75,13 @@ class Captioner:
         return self.generate(images, prompts, batch_size=batch_size, **kwargs)
 
     def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
-        prompt = (
-            template.format(question=question.strip()) if template else self.family.format_question(question)
-        )
-        return self.generate([image], [prompt], **kwargs)[0]
+        return self.generate([image], [self.family.format_question(question, template)], **kwargs)[0]
+
+
+def trained_prompt(info: dict[str, Any], family: Family) -> str:
+    """The caption prompt a run trained with (its recorded config), or the family's for a bare base."""
+    prompt = info.get("config", {}).get("prompt")
+    return family.caption_prompt if prompt is None else prompt
 
 
 def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:

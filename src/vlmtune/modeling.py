@@ -128,7 +128,7 @@ def add_lora(model: Any, family: Family, cfg: Any) -> Any:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_targets or family.lora_target_modules(),
-        modules_to_save=family.extra_trainable_modules(cfg.train_qformer, cfg.train_projection) or None,
+        modules_to_save=family.modules_to_save(cfg.groups()) or None,
         bias="none",
     )
     # autocast_adapter_dtype (peft's default) keeps LoRA weights in fp32 over an fp16/bf16 base: fp32 master

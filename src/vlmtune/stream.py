@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Prompting, as_image, load_dict, pick_split, targets_of
+from .data import DataError, Prompting, as_image, file_of, load_dict, pick_split, targets_of
 
 
 def load_stream(source: str, split: str, columns: tuple[str, ...], image_root: str | None = None) -> Any:
@@ -99,14 +99,7 @@ class StreamExamples(torch.utils.data.IterableDataset):
             image = as_image(row[self.image_column], f"column {self.image_column!r}")
         except DataError as e:
             if self.on_bad is not None and report:
-                value = row.get(self.image_column)
-                file = (
-                    value.get("path")
-                    if isinstance(value, dict)
-                    else value
-                    if isinstance(value, str)
-                    else None
-                )
+                file = file_of(row.get(self.image_column))
                 self.on_bad(
                     {"position": r, "epoch": self.epoch, "file": file, "text": str(text)[:80], "why": str(e)}
                 )

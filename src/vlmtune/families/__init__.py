@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import IGNORE_INDEX, Family
+from .base import IGNORE_INDEX, Family, to_model, unwrap
+from .blip import Blip
 from .blip2 import Blip2
+from .blip2_t5 import Blip2T5
+from .instructblip import InstructBlip
 
-FAMILIES: tuple[type[Family], ...] = (Blip2,)
+FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip)
 
 
 def family_for(config: Any) -> Family:
@@ -15,10 +18,12 @@ def family_for(config: Any) -> Family:
     for family in FAMILIES:
         if family.matches(config):
             return family(config)
-    known = ", ".join(f.name for f in FAMILIES)
+    text = getattr(getattr(config, "text_config", None), "model_type", None)
+    what = f"{getattr(config, 'model_type', '?')!r}" + (f" with a {text} language model" if text else "")
+    known = "; ".join(f"{f.name} ({', '.join(f.hub_ids[:2])})" for f in FAMILIES)
     raise ValueError(
-        f"vlmtune does not support model type {getattr(config, 'model_type', '?')!r} yet (supported: {known})."
+        f"vlmtune does not support model type {what} yet. Supported: {known}. See `vlmtune models`."
     )
 
 
-__all__ = ["FAMILIES", "IGNORE_INDEX", "Family", "family_for"]
+__all__ = ["FAMILIES", "IGNORE_INDEX", "Family", "family_for", "to_model", "unwrap"]

@@ -1,4 +1,10 @@
-"""What every model family tells vlmtune. One file per family implements it; nothing else knows its quirks."""
+"""What every model family tells vlmtune. One file per family implements it; nothing else knows its quirks.
+
+The core (training, captioning, serving, evaluation) speaks only this interface: it never names a module, a
+token or a prompt of its own. A family says where its language model is, which module groups can train next
+to LoRA (and so what stays frozen and what part of the image path can be computed once), how a prompt looks,
+how an example becomes model inputs with labels, which tokens end a target, and how it generates.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,66 @@ from PIL import Image
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 
 
-class Family(ABC):
-    """A family of image-to-text models (BLIP-2, InstructBLIP, LLaVA, ...).
+def trained_span(target_ids: list[int], end_id: int, room: int) -> list[int]:
+    """The label ids of one target: its tokens then the end token, in at most `room` tokens.
 
-    Everything that differs between families lives behind this interface: how a prompt looks, where the
-    image goes in the token sequence, how labels are masked, which modules LoRA targets and what stays frozen.
+    A target cut short by `room` gets no end token, so the model never learns to stop mid-sentence. Every
+    family masks this way: these ids are trained, every other position of the example is IGNORE_INDEX.
     """
+    if room < 1:
+        raise ValueError(f"no room left for the target ({room} tokens); raise max_length")
+    return target_ids + [end_id] if len(target_ids) < room else target_ids[:room]
+
+
+def pad_rows(
+    rows: list[list[int]], labels: list[list[int]] | None, pad_id: int, side: str
+) -> dict[str, torch.Tensor]:
+    """Token rows (and their labels) padded to one width: `input_ids`, `attention_mask` (and `labels`),
+    (B, T) long. Padding is never trained (IGNORE_INDEX) and never attended to (mask 0)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+        if labels is not None:
+            lab[i, span] = torch.tensor(labels[i], dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        out["labels"] = lab
+    return out
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under Accelerate's (DDP) and peft's wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Family(ABC):
+    """A family of image-to-text models (BLIP-2, InstructBLIP, BLIP, ...)."""
 
     name: str
-    eos_token_id: int  # the token a target ends with, and generation stops on
+    #: hub checkpoints the family was written for (listed by `vlmtune models`)
+    hub_ids: tuple[str, ...] = ()
+    #: module groups that can train in full next to LoRA: name -> what it is (`--train-modules`)
+    groups: dict[str, str] = {}
+    #: how a question becomes a prompt; the one place each family writes it
     question_template: str = "Question: {question} Answer:"
+    #: the prompt of plain captioning when the user gives none
+    caption_prompt: str = ""
+    #: for `vlmtune models` and the README: where LoRA goes by default, what the image cache holds, memory
+    lora: str = ""
+    cache: str = "none"
+    memory: str = ""
 
     def __init__(self, config: Any):
         self.config = config  # the model's transformers config; a family instance serves one model
+        self.end_token_ids: frozenset[int] = frozenset()  # tokens that end a target; generation stops there
+
+    # --- what it is -------------------------------------------------------------------------------------
 
     @classmethod
     @abstractmethod
@@ -36,12 +89,37 @@ class Family(ABC):
         """peft `target_modules` (a regex over module names) for the default LoRA placement."""
 
     @abstractmethod
-    def extra_trainable_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
-        """Module names trained in full next to LoRA (peft `modules_to_save`)."""
+    def language_model(self, model: Any) -> Any:
+        """The language model inside `model` (for gradient checkpointing, compiling)."""
+
+    @property
+    def end_token_id(self) -> int:
+        """The token a trained target ends with (the smallest of `end_token_ids`: a stable choice)."""
+        return min(self.end_token_ids)
+
+    # --- what trains ------------------------------------------------------------------------------------
+
+    def group_modules(self, group: str) -> list[str]:
+        """Module names trained in full for one of `groups` (peft `modules_to_save`)."""
+        raise KeyError(group)
+
+    def modules_to_save(self, groups: Sequence[str]) -> list[str]:
+        return [m for g in groups for m in self.group_modules(g)]
 
     @abstractmethod
-    def frozen_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
-        """Modules with no trainable weight at all: kept in eval mode during training (no dropout noise)."""
+    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
+        """Modules with no trainable weight when `groups` train: kept in eval mode (no dropout noise)."""
+
+    def cache_level(self, groups: Sequence[str], model: Any) -> tuple[str | None, str]:
+        """(what part of the image path can be computed once per image, why), for the trainable `groups`:
+        "projection" (all the language model receives for an image), "vision" (the vision encoder's output;
+        the modules after it run each step), or None (no cache)."""
+        return None, f"{self.name} takes no precomputed image features"
+
+    # --- prompts and inputs -----------------------------------------------------------------------------
+
+    def format_question(self, question: str, template: str | None = None) -> str:
+        return (template or self.question_template).format(question=question.strip())
 
     @abstractmethod
     def encode(
@@ -54,22 +132,16 @@ class Family(ABC):
         max_length: int,
         padding_side: str,
     ) -> dict[str, torch.Tensor]:
-        """Model inputs for a batch; with `targets`, also `labels` masked to the target tokens alone."""
+        """Model inputs for a batch; with `targets`, also `labels`: the target tokens and the end token
+        trained (`trained_span`), every other position IGNORE_INDEX.
 
-    def generation_inputs(
-        self,
-        processor: Any,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        device: torch.device,
-        dtype: torch.dtype,
-        max_length: int = 512,
-    ) -> dict[str, torch.Tensor]:
-        """`encode` without targets, as `generate` takes it: left-padded, on `device`, pixels in `dtype`."""
-        batch = self.encode(processor, images, prompts, None, max_length=max_length, padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        return batch
+        Args:
+            images: RGB images, one per example.
+            prompts: text before the target ("" for plain captioning, a question for VQA).
+            targets: what the model should learn to say, or None at generation time.
+            max_length: most text tokens per example (prompt, target, end); image tokens not counted.
+            padding_side: "right" for training, "left" for batched generation.
+        """
 
     def encode_text(
         self,
@@ -83,29 +155,38 @@ class Family(ABC):
         """`encode` without the images (the same ids and labels), for training on cached image features."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
-    def supports_feature_cache(self, model: Any) -> bool:
-        """Whether `model` can take precomputed image features (see `image_features`, `cached_inputs`)."""
-        return False
+    def generation_inputs(
+        self,
+        processor: Any,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_length: int = 512,
+    ) -> dict[str, torch.Tensor]:
+        """`encode` without targets, as `generate` takes it: left-padded, on `device`, images in `dtype`."""
+        batch = self.encode(processor, images, prompts, None, max_length=max_length, padding_side="left")
+        return to_model(batch, device, dtype)
 
     def image_features(
         self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
     ) -> torch.Tensor:
-        """What the frozen part of the image path hands on, per image: up to `"projection"`, what the language
-        model receives in place of the image placeholders; up to `"vision"`, the vision encoder's output alone
-        (for when the modules after it train)."""
+        """What the frozen part of the image path hands on, per image (see `cache_level`)."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def cached_inputs(
-        self, features: torch.Tensor, model: Any = None, upto: str = "projection"
+        self, features: torch.Tensor, model: Any = None, upto: str = "projection", batch: Any = None
     ) -> dict[str, Any]:
-        """Extra forward() arguments that make the model use `features` (from `image_features(..., upto)`)
-        instead of computing them; for `"vision"` features the trainable modules after the vision encoder run
-        here, on `model`, with gradients."""
+        """forward() arguments that make the model use `features` (from `image_features(..., upto)`) instead
+        of computing them; for "vision" features the trainable modules after the vision encoder run here, on
+        `model`, with gradients (reading `batch` where they need its text). May pop keys from `batch`."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` as the training forward should take it; a family may trim work the loss never reads."""
         return batch
+
+    # --- generation -------------------------------------------------------------------------------------
 
     @abstractmethod
     def generate_tokens(
@@ -114,20 +195,35 @@ class Family(ABC):
         """The new tokens for `batch` (B, T_new), prompt stripped; rows that stopped early end in padding.
         Keyword arguments go to transformers' `generate` (streamer, stopping criteria, sampling...)."""
 
+    def generation_groups(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, Any]]]:
+        """(rows, sub-batch) pairs that can share one `generate_tokens` call; all of `batch` by default. A
+        family whose generation cannot take left padding splits the batch by prompt length."""
+        return [(list(range(batch["input_ids"].shape[0])), batch)]
+
     def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
-        """One row of `generate_tokens` as text: special tokens dropped, cut at the end-of-sequence token."""
+        """One row of `generate_tokens` as text: cut at the first end token, special tokens dropped."""
         ids = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return processor.tokenizer.decode(self.cut(ids), skip_special_tokens=True).strip()
+
+    def cut(self, ids: list[int]) -> list[int]:
+        """`ids` up to (without) the first end token."""
+        stop = next((k for k, t in enumerate(ids) if t in self.end_token_ids), len(ids))
+        return ids[:stop]
 
     def generate(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
     ) -> list[str]:
-        """Decoded continuations of `batch` (prompt tokens stripped)."""
-        return [
-            self.decode(processor, row) for row in self.generate_tokens(model, processor, batch, **kwargs)
-        ]
+        """Decoded continuations of `batch` (prompt tokens stripped), in the order of its rows."""
+        out: dict[int, str] = {}
+        for rows, sub in self.generation_groups(batch):
+            texts = [self.decode(processor, r) for r in self.generate_tokens(model, processor, sub, **kwargs)]
+            out.update(zip(rows, texts, strict=True))
+        return [out[i] for i in range(len(out))]
 
-    def format_question(self, question: str) -> str:
-        return self.question_template.format(question=question.strip())
+
+def to_model(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """`batch` on `device`, its floating tensors (pixels, cached features) in the model's `dtype`."""
+    return {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }

@@ -1,6 +1,7 @@
-"""BLIP-2 (ViT + Q-Former + a decoder-only language model such as OPT).
+"""BLIP-2: a frozen ViT, a Q-Former over learned query tokens, a projection, and a language model (OPT here;
+Flan-T5 in `blip2_t5.py`).
 
-The token sequence the language model sees, for one example:
+The token sequence the language model sees, for one example (decoder-only; see `_text.py` for T5):
 
     <image> x num_query_tokens | BOS | prompt tokens | target tokens | EOS | padding
     ---------- label -100 -------------------------  | trained ------------ | -100
@@ -21,33 +22,40 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import IGNORE_INDEX, Family
+from . import _text
+from .base import IGNORE_INDEX, Family, unwrap
 
-# Linear layers of OPT-style decoders: attention projections and the two MLP layers. The regex is anchored
-# under `language_model` because the vision encoder also names its MLP `fc1`/`fc2`.
-OPT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+# What each trainable group trains in full (peft `modules_to_save`).
+GROUP_MODULES = {"qformer": ["qformer"], "projection": ["language_projection"]}
 
 
 class Blip2(Family):
     name = "blip-2"
+    hub_ids = ("Salesforce/blip2-opt-2.7b", "Salesforce/blip2-opt-6.7b", "Salesforce/blip2-opt-2.7b-coco")
+    groups = {
+        "qformer": "the Q-Former (its queries stay as they are)",
+        "projection": "the language projection",
+    }
+    lora = "every OPT linear: q_proj, k_proj, v_proj, out_proj, fc1, fc2"
+    cache = "ViT + Q-Former + projection output; the ViT's alone when a group trains"
+    memory = "OPT-2.7B: ~10 GiB bf16 LoRA, ~7.6 GiB QLoRA (batch 8, measured on an H200)"
+    encoder_decoder = False  # the language model's kind; Flan-T5's subclass says True
+    lm_types: tuple[str, ...] = ("opt",)
 
     @classmethod
     def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) == "blip-2"
+        text = getattr(config, "text_config", None)
+        return (
+            getattr(config, "model_type", None) == "blip-2"
+            and getattr(text, "model_type", None) in cls.lm_types
+            and bool(config.use_decoder_only_language_model) != cls.encoder_decoder
+        )
 
     def __init__(self, config: Any):
         super().__init__(config)
-        text = config.text_config
-        if not config.use_decoder_only_language_model:
-            raise NotImplementedError(
-                f"BLIP-2 with an encoder-decoder language model ({text.model_type}) is not supported yet; "
-                "use a BLIP-2 OPT checkpoint such as Salesforce/blip2-opt-2.7b."
-            )
-        if text.model_type != "opt":
-            raise NotImplementedError(f"BLIP-2 with a {text.model_type} language model is not supported yet.")
         self.image_token_id: int = config.image_token_id
         self.num_query_tokens: int = config.num_query_tokens
-        self.eos_token_id: int = text.eos_token_id
+        self.end_token_ids = _text.end_tokens(config.text_config)
         if self.image_token_id is None:
             raise ValueError(
                 "This BLIP-2 config has no image_token_index: it predates transformers 4.47. Load the current "
@@ -55,15 +63,29 @@ class Blip2(Family):
             )
 
     def lora_target_modules(self) -> str:
-        return OPT_TARGETS
+        return _text.lora_targets(self.config.text_config, self.name)
 
-    def extra_trainable_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
-        return [
-            name for name, on in (("qformer", train_qformer), ("language_projection", train_projection)) if on
-        ]
+    def language_model(self, model: Any) -> Any:
+        return unwrap(model).language_model
 
-    def frozen_modules(self, train_qformer: bool, train_projection: bool) -> list[str]:
-        return ["vision_model"] + ([] if train_qformer else ["qformer"])
+    def group_modules(self, group: str) -> list[str]:
+        return GROUP_MODULES[group]
+
+    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
+        return ["vision_model"] + ([] if "qformer" in groups else ["qformer"])
+
+    def cache_level(self, groups: Sequence[str], model: Any) -> tuple[str | None, str]:
+        # transformers >= 5.24's forward takes precomputed encoder outputs (`mm_encoder_outputs`).
+        if "mm_encoder_outputs" not in inspect.signature(type(unwrap(model)).forward).parameters:
+            return None, "this transformers version cannot take precomputed image features (needs >= 5.24)"
+        if groups:
+            return (
+                "vision",
+                f"--train-modules {' '.join(groups)}: the frozen vision encoder's output is computed once",
+            )
+        return "projection", "vision side frozen: image features computed once and reused every epoch"
+
+    # --- inputs -----------------------------------------------------------------------------------------
 
     def encode(
         self,
@@ -75,24 +97,14 @@ class Blip2(Family):
         max_length: int,
         padding_side: str,
     ) -> dict[str, torch.Tensor]:
-        """Inputs, and with `targets` the labels, for a batch.
-
-        Args:
-            images: RGB images, one per example.
-            prompts: text before the target ("" for plain captioning, "Question: ... Answer:" for VQA).
-            targets: what the model should learn to say, or None at generation time.
-            max_length: most text tokens per example (BOS, prompt, target, EOS); image placeholders not counted.
-                A target cut short by it gets no EOS, so the model never learns to stop mid-sentence.
-            padding_side: "right" for training, "left" for batched generation.
-
-        Returns:
-            `input_ids`, `attention_mask`, `labels` (with targets): (B, T) long; `pixel_values`: (B, 3, H, W).
-        """
+        """Inputs, and with `targets` the labels, for a batch: `input_ids`, `attention_mask`, `labels` (B, T)
+        long; `pixel_values` (B, 3, H, W)."""
         # The processor is called with images and text together: that is what inserts the placeholders.
         enc = processor(images=list(images), text=list(prompts), padding=False)
         batch = self._assemble(
             processor.tokenizer, enc["input_ids"], prompts, targets, max_length, padding_side
         )
+        batch.update(self.text_inputs(processor, prompts))
         batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
         return batch
 
@@ -106,60 +118,59 @@ class Blip2(Family):
         padding_side: str,
     ) -> dict[str, torch.Tensor]:
         # The processor's layout, rebuilt without decoding an image: placeholders, then the tokenised prompt
-        # (BOS first). A test checks it against `encode` token for token.
+        # (with the tokenizer's own special tokens). A test checks it against `encode` token for token.
         placeholders = [self.image_token_id] * self.num_query_tokens
         ids = [placeholders + p for p in processor.tokenizer(list(prompts))["input_ids"]]
-        return self._assemble(processor.tokenizer, ids, prompts, targets, max_length, padding_side)
+        batch = self._assemble(processor.tokenizer, ids, prompts, targets, max_length, padding_side)
+        batch.update(self.text_inputs(processor, prompts))
+        return batch
 
-    def _assemble(
-        self, tokenizer, prompt_ids, prompts, targets, max_length, padding_side
-    ) -> dict[str, torch.Tensor]:
-        target_ids = (
-            tokenizer(
-                [_target_text(p, t) for p, t in zip(prompts, targets, strict=True)], add_special_tokens=False
-            )["input_ids"]
-            if targets is not None
-            else [[] for _ in prompts]
-        )
-        rows, labels = [], []
-        for ids, tgt in zip(prompt_ids, target_ids, strict=True):
+    def text_inputs(self, processor: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Text inputs beside the language model's (none for BLIP-2: its Q-Former reads no text)."""
+        return {}
+
+    def _assemble(self, tokenizer, prompt_ids, prompts, targets, max_length, padding_side):
+        for ids in prompt_ids:
             n_image = sum(1 for i in ids if i == self.image_token_id)
             if n_image != self.num_query_tokens:
                 raise ValueError(
                     f"The processor inserted {n_image} image tokens but the model has {self.num_query_tokens} "
                     "query tokens: processor and model come from different checkpoints."
                 )
-            room = max_length - (len(ids) - n_image)
-            if targets is not None:
-                if room < 1:
-                    raise ValueError(f"The prompt alone takes {len(ids) - n_image} tokens; raise max_length.")
-                tgt = tgt + [self.eos_token_id] if len(tgt) < room else tgt[:room]
-            rows.append(ids + tgt)
-            labels.append([IGNORE_INDEX] * len(ids) + tgt)
-        batch = _pad(rows, labels, tokenizer.pad_token_id, padding_side)
-        if targets is None:
-            del batch["labels"]
-        return batch
+        target_ids = None
+        if targets is not None:
+            texts = [
+                _text.target_text(p, t, self.encoder_decoder) for p, t in zip(prompts, targets, strict=True)
+            ]
+            target_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return _text.assemble(
+            prompt_ids,
+            target_ids,
+            encoder_decoder=self.encoder_decoder,
+            end_id=self.end_token_id,
+            pad_id=tokenizer.pad_token_id,
+            max_length=max_length,
+            image_tokens=self.num_query_tokens,
+            padding_side=padding_side,
+        )
 
     def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Logits only from the position before the batch's first target token on: the image placeholders and
         prompt carry no label, so their logits (T x vocab each, in fp32 for the loss) are never computed.
 
         BLIP-2 scores `logits[:, -labels.size(1):]` against the labels shifted by one, so the labels are cut to
-        the same last positions; the loss is the same (a test checks it), for less memory and compute.
+        the same last positions; the loss is the same (a test checks it), for less memory and compute. (An
+        encoder-decoder language model has labels for its decoder alone: nothing to trim.)
         """
         labels = batch["labels"]
         targets = labels != IGNORE_INDEX
-        if not targets.any():
+        if self.encoder_decoder or not targets.any():
             return batch
         first = int(targets.any(dim=0).int().argmax())  # the earliest position with a target in any row
         start = max(first - 1, 0)  # the logit there predicts the token at `first`
         return {**batch, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}
 
-    def supports_feature_cache(self, model: Any) -> bool:
-        # transformers >= 5.24's forward takes precomputed encoder outputs (`mm_encoder_outputs`).
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return "mm_encoder_outputs" in inspect.signature(type(base).forward).parameters
+    # --- the image-feature cache -----------------------------------------------------------------------
 
     def image_features(
         self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
@@ -167,63 +178,42 @@ class Blip2(Family):
         """ViT -> Q-Former -> language projection: (B, 3, H, W) -> (B, num_query_tokens, d_lm); up to
         "vision", the ViT's last hidden state alone: (B, 1 + patches, d_vision)."""
         if upto == "vision":
-            return _base(model).vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+            return unwrap(model).vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         out = model.get_image_features(pixel_values=pixel_values, return_dict=True)
         return out if torch.is_tensor(out) else out.pooler_output
 
     def cached_inputs(
-        self, features: torch.Tensor, model: Any = None, upto: str = "projection"
+        self, features: torch.Tensor, model: Any = None, upto: str = "projection", batch: Any = None
     ) -> dict[str, Any]:
-        from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+        if upto == "vision":  # the Q-Former and projection run on the cached ViT output
+            features = self.after_vision(unwrap(model), features, batch)
+        return {"pixel_values": None, "mm_encoder_outputs": {"image": _qformer_outputs(features)}}
 
-        if upto == "vision":  # the trainable Q-Former and projection run on the cached ViT output
-            features = _after_vision(_base(model), features)
-        return {
-            "pixel_values": None,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithVisionQformerOutputs(pooler_output=features)},
-        }
+    def after_vision(self, base: Any, image_embeds: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Steps 2 and 3 of `get_image_features` (Q-Former over the query tokens, cross-attending to the image,
+        then the language projection), from step 1's output. When the Q-Former trains, peft's
+        `modules_to_save` wrapper stands in `base.qformer` and routes to the trainable copy."""
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query = base.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = base.qformer(
+            query_embeds=query, encoder_hidden_states=image_embeds, encoder_attention_mask=mask
+        )[0]
+        return base.language_projection(out.to(image_embeds.dtype))  # the Q-Former is kept in fp32
+
+    # --- generation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate_tokens(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
-        kwargs.setdefault("eos_token_id", self.eos_token_id)
+        kwargs.setdefault("eos_token_id", sorted(self.end_token_ids))
         kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
         out = model.generate(**batch, **kwargs)
-        # Decoder-only generation returns the prompt too: (B, T_prompt + T_new).
-        return out[:, batch["input_ids"].shape[1] :]
+        return _text.new_tokens(out, batch, self.encoder_decoder)
 
 
-def _base(model: Any) -> Any:
-    """The transformers model under peft's and Accelerate's wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _qformer_outputs(features: torch.Tensor) -> Any:
+    """Projected image features in the output type the BLIP family's forward takes as `mm_encoder_outputs`."""
+    from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
-
-def _after_vision(base: Any, image_embeds: torch.Tensor) -> torch.Tensor:
-    """Steps 2 and 3 of `Blip2ForConditionalGeneration.get_image_features` (Q-Former over the query tokens,
-    cross-attending to the image, then the language projection), from step 1's output. With --train-qformer
-    peft's `modules_to_save` wrapper stands in `base.qformer` and routes to the trainable copy."""
-    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    query = base.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    out = base.qformer(query_embeds=query, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)[0]
-    return base.language_projection(out.to(image_embeds.dtype))  # the Q-Former is kept in fp32
-
-
-def _target_text(prompt: str, target: str) -> str:
-    # After a prompt ("... Answer:") the answer is a new word; a bare caption starts right after BOS.
-    target = target.strip()
-    return " " + target if prompt else target
-
-
-def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, span] = torch.tensor(r)
-        lab[i, span] = torch.tensor(lb)
-        mask[i, span] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+    return BaseModelOutputWithVisionQformerOutputs(pooler_output=features)

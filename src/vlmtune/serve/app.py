@@ -241,7 +241,7 @@ def _image_and_question(req: ChatRequest) -> tuple[str, str | None]:
     question: str | None = None
     for m in req.messages:
         if m.role != "user":
-            continue  # system prompts and earlier answers: BLIP-2 takes no dialogue
+            continue  # system prompts and earlier answers: no family takes a dialogue yet
         parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content or []
         texts = []
         for p in parts:

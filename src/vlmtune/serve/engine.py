@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..families import Family
+from ..infer import trained_prompt
 from ..modeling import TINY, TINY_PATH, base_of_runs, default_device, load_with_adapters, pick_dtype
 
 BASE = "__base__"  # the bare base model, no adapter
@@ -118,8 +119,8 @@ class Engine:
         if base_name in runs:
             raise ValueError(f"--run name {base_name!r} is the base model's name; pick another")
         base, processor, family = load_with_adapters(base_path, by_key, dtype, device)
-        adapters = [Adapter(base_name, BASE, "", base_path)] + [
-            Adapter(name, key, infos[key].get("config", {}).get("prompt", ""), str(by_key[key]))
+        adapters = [Adapter(base_name, BASE, family.caption_prompt, base_path)] + [
+            Adapter(name, key, trained_prompt(infos[key], family), str(by_key[key]))
             for key, name in keys.items()
         ]
         return cls(base, processor, family, adapters, device=device, dtype=pick_dtype(dtype, device))
@@ -150,31 +151,33 @@ class Engine:
             proc, [j.image for j in jobs], [j.prompt for j in jobs], self.device, self.dtype
         )
         prompt_tokens = batch["attention_mask"].sum(1).tolist()
-        limits = [j.max_tokens for j in jobs]
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max(limits),
-            "stopping_criteria": _stopping([_RowLimit(limits, batch["input_ids"].shape[1])]),
-            **jobs[0].sampling.generate_kwargs(),
-        }
-        if any(j.on_text for j in jobs):
-            kwargs["streamer"] = _RowStreamer(self, jobs)
+        new: dict[int, list[int]] = {}
         with self._using(jobs[0].adapter):
-            new = fam.generate_tokens(self.model, proc, batch, **kwargs).tolist()
+            for rows, sub in fam.generation_groups(batch):  # one group unless the family must split
+                group = [jobs[i] for i in rows]
+                limits = [j.max_tokens for j in group]
+                kwargs: dict[str, Any] = {
+                    "max_new_tokens": max(limits),
+                    "stopping_criteria": _stopping([_RowLimit(limits)]),
+                    **jobs[0].sampling.generate_kwargs(),
+                }
+                if any(j.on_text for j in group):
+                    kwargs["streamer"] = _RowStreamer(self, group)
+                new.update(
+                    zip(rows, fam.generate_tokens(self.model, proc, sub, **kwargs).tolist(), strict=True)
+                )
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         results = []
-        for row, job, n_prompt in zip(new, jobs, prompt_tokens, strict=True):
-            ids = _cut(row[: job.max_tokens], fam.eos_token_id)
-            stopped = fam.eos_token_id in row[: job.max_tokens]
+        for i, (job, n_prompt) in enumerate(zip(jobs, prompt_tokens, strict=True)):
+            row = new[i][: job.max_tokens]
+            ids = fam.cut(row)
+            stopped = len(ids) < len(row)  # an end token came before max_tokens
             results.append(
                 Result(fam.decode(proc, ids), "stop" if stopped else "length", n_prompt, len(ids) + stopped)
             )
         return results
-
-
-def _cut(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 def _stopping(criteria: list[Any]) -> Any:
@@ -186,12 +189,16 @@ def _stopping(criteria: list[Any]) -> Any:
 class _RowLimit:
     """Stops each row at its own max_tokens (generate's max_new_tokens is the batch's largest)."""
 
-    def __init__(self, limits: list[int], prompt_length: int):
+    def __init__(self, limits: list[int]):
         self.limits = torch.tensor(limits)
-        self.prompt_length = prompt_length
+        # Called after each new token: what came before the first is the prompt (decoder-only) or the
+        # decoder's start token (encoder-decoder), whichever the family's model generates from.
+        self.start: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = (input_ids.shape[1] - self.prompt_length) >= self.limits
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        done = (input_ids.shape[1] - self.start) >= self.limits
         return done.to(input_ids.device)
 
 
@@ -213,7 +220,7 @@ class _RowStreamer:
         for i, (tok, job) in enumerate(zip(value.tolist(), self.jobs, strict=True)):
             if self.done[i]:
                 continue
-            if tok == fam.eos_token_id:
+            if tok in fam.end_token_ids:
                 self.done[i] = True
                 continue
             self.ids[i].append(tok)

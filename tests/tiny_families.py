@@ -1,0 +1,288 @@
+"""Tiny random checkpoints of every family, built offline from config and saved in the standard on-disk
+layout (config.json, safetensors, processor and tokenizer files), as the hub's would be.
+
+Each holds its family's real tokenizer kind and special tokens (OPT's byte-level BPE ending captions with "\\n",
+T5's unigram ending with `</s>`, BERT's WordPiece with BLIP's [DEC] start and [SEP] end), trained on a small
+corpus here, so labels and generation are tested on the real conventions. Weights are random: fine for the
+contract suite, which trains them a little; the demo stays on the pretrained tiny BLIP-2.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlmtune.synthetic import examples
+
+IMAGE = 32  # pixels: 16 patches of 8
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE,
+    patch_size=8,
+    initializer_range=0.02,  # Blip2VisionConfig's default (1e-10) makes a dead tower from scratch
+)
+QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    encoder_hidden_size=32,
+    cross_attention_frequency=1,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+QUERIES = 4
+# LOGIT_RANGE: behind a frozen final norm and output layer, LoRA can only turn a 32-wide hidden state of fixed
+# norm; with output rows of the usual std 0.02 no logit can then exceed the 300 others by more than ~0.6, and
+# no amount of training gets the loss far below log(vocab) (std 0.2: a floor of ~0.7 per token, measured).
+# The random language models start at std 0.2, their output rows at std 0.8 (pretrained ones have large
+# output rows anyway).
+
+
+def corpus() -> list[str]:
+    rows = list(examples("football", 200, seed=7))
+    texts = [r.text for r in rows] + [f"Question: {q} Answer: {a}" for r in rows for q, a in r.qa]
+    return texts + [
+        "A short image caption:",
+        "a photo of",
+        "Question: what colour is the ball? Answer: how many players are there?",
+        "red blue green white",
+    ]
+
+
+def bpe_tokenizer(texts: list[str]):
+    """OPT's layout: <s>=0, <pad>=1, </s>=2 (also BOS, put before every text), <unk>=3; <image> added."""
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    out = GPT2TokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
+
+
+def t5_tokenizer(texts: list[str]):
+    """T5's layout: <pad>=0 (also the decoder's start), </s>=1 appended to every text, <unk>=2; <image>."""
+    from transformers import T5TokenizerFast
+
+    # A sentencepiece-style unigram vocabulary written out (the trainer keeps few pieces of so small a
+    # corpus): every corpus word with its "▁" word start, and every character as a fallback.
+    words = Counter(w for t in texts for w in t.split())
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, math.log(n + 1)) for w, n in sorted(words.items())]
+    pieces += [("▁", -5.0)] + [(c, -10.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    out = T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+    out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
+
+
+def bert_tokenizer(texts: list[str]):
+    """BERT's (uncased WordPiece) layout: [PAD]=0, [UNK], [CLS], [SEP], [MASK], and BLIP's [DEC]."""
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+    )
+
+
+def _image_processor():
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+
+
+def _opt(tok) -> dict:
+    newline = tok.convert_tokens_to_ids("Ċ")  # byte-level "\n", as 50118 is in OPT's vocabulary
+    return dict(
+        model_type="opt",
+        vocab_size=len(tok),
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        pad_token_id=1,
+        eos_token_id=newline,
+        dropout=0.0,
+    )
+
+
+def _llama(tok) -> dict:
+    return dict(
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        pad_token_id=1,
+        eos_token_id=2,  # Vicuna ends with </s>
+        initializer_range=0.2,  # see LOGIT_RANGE
+    )
+
+
+def _t5(tok) -> dict:
+    return dict(
+        model_type="t5",
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",  # Flan-T5's: wi_0, wi_1, wo
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+    )
+
+
+def _save(model, processor, out: Path) -> Path:
+    torch.manual_seed(0)
+    if hasattr(model, "query_tokens"):  # zero queries all attend alike: a tiny model then never learns
+        torch.nn.init.normal_(model.query_tokens, std=0.02)
+    with torch.no_grad():  # see LOGIT_RANGE
+        rows = (model.get_output_embeddings() or model.text_decoder.get_output_embeddings()).weight
+        rows.mul_(max(1.0, 0.8 / float(rows.std())))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_blip2(out: Path, lm: str = "opt") -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    texts = corpus()
+    tok = t5_tokenizer(texts) if lm == "t5" else bpe_tokenizer(texts)
+    text = _t5(tok) if lm == "t5" else _opt(tok)
+    config = Blip2Config(
+        vision_config=VISION,
+        qformer_config=QFORMER,
+        text_config=text,
+        num_query_tokens=QUERIES,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config)
+    processor = Blip2Processor(image_processor=_image_processor(), tokenizer=tok, num_query_tokens=QUERIES)
+    return _save(model, processor, out)
+
+
+def build_instructblip(out: Path, lm: str = "llama") -> Path:
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    texts = corpus()
+    tok = t5_tokenizer(texts) if lm == "t5" else bpe_tokenizer(texts)
+    qtok = bert_tokenizer(texts)
+    text = _t5(tok) if lm == "t5" else _llama(tok)
+    config = InstructBlipConfig(
+        vision_config=VISION,
+        qformer_config=dict(QFORMER, vocab_size=len(qtok), pad_token_id=0),
+        text_config=text,
+        num_query_tokens=QUERIES,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config)
+    processor = InstructBlipProcessor(
+        image_processor=_image_processor(), tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=QUERIES
+    )
+    return _save(model, processor, out)
+
+
+def build_blip(out: Path) -> Path:
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    tok = bert_tokenizer(corpus())
+    config = BlipConfig(
+        vision_config=dict(VISION, initializer_range=0.02),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+            sep_token_id=tok.sep_token_id,
+            eos_token_id=tok.sep_token_id,
+            initializer_range=0.2,  # see LOGIT_RANGE
+        ),
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor(image_processor=_image_processor(), tokenizer=tok)
+    return _save(model, processor, out)
+
+
+BUILDERS = {
+    "blip-2-t5": lambda out: build_blip2(out, "t5"),
+    "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
+    "instructblip-t5": lambda out: build_instructblip(out, "t5"),
+    "blip": build_blip,
+}
+
+
+def colour_examples(n: int = 4, seed: int = 0):
+    """`n` flat colour images with a caption each: a task a tiny model learns in a few steps only by
+    looking at the image (the captions share no word order to guess from)."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40), "white": (250, 250, 250)}
+    words = list(colours)[:n]
+    rng = random.Random(seed)
+    captions = {w: f"a {w} ball on the {rng.choice(['left', 'right'])}" for w in words}
+    return [(Image.new("RGB", (IMAGE, IMAGE), colours[w]), captions[w]) for w in words]
