@@ -176,7 +176,8 @@ def test_caption_ask_plain_peft_and_merge_agree(kind, runs, checkpoints, tmp_pat
         [Image.open(p).convert("RGB") for p in paths], max_new_tokens=40
     )
     assert main(["ask", str(paths[0]), "what colour is the ball?", "--run", run]) == 0
-    answer = captioner.answer([Image.open(paths[0]).convert("RGB")], ["what colour is the ball?"])[0]
+    question = [Image.open(paths[0]).convert("RGB")], ["what colour is the ball?"]
+    answer = captioner.answer(*question, max_new_tokens=20)[0]  # `ask`'s default length
     assert capsys.readouterr().out.strip() == answer
     family, processor = captioner.family, captioner.processor
     base = AutoModelForImageTextToText.from_pretrained(checkpoints[kind])
