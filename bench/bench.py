@@ -179,20 +179,21 @@ def one(args: argparse.Namespace) -> dict:
         )
     elif args.one.startswith("vlmtune-train"):
         import vlmtune.finetune as finetune
+        import vlmtune.pipeline as pipeline
         from vlmtune.config import TrainConfig
         from vlmtune.rundir import read_jsonl
 
         if not args.data_dir:  # the same in-memory rows the seed gets, with no `datasets` installed
             train_rows = rows(args.images, 0)
-            finetune.load_splits = lambda *a, **k: (train_rows, None)
+            pipeline.load_splits = lambda *a, **k: (train_rows, None)
         # The memory in use once the model is loaded and the data read, as the seed's loop starts with it.
-        before, batches = {}, finetune._batches
+        before, batches = {}, finetune.batches
 
         def measured_batches(*a, **k):
             before["gib"] = memory_now(device)
             return batches(*a, **k)
 
-        finetune._batches = measured_batches
+        finetune.batches = measured_batches
         cfg = TrainConfig(
             model=args.model_dir,
             data=args.data_dir or "(bench rows)",

@@ -40,11 +40,12 @@ def in_memory_splits(n_train: int = 64, n_val: int = 16):
 
 def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size: int) -> dict:
     import vlmtune.finetune as finetune
+    import vlmtune.pipeline as pipeline
     from vlmtune.config import TrainConfig
     from vlmtune.rundir import read_jsonl
 
     train_rows, val_rows = in_memory_splits()
-    finetune.load_splits = lambda *a, **k: (train_rows, val_rows)
+    pipeline.load_splits = lambda *a, **k: (train_rows, val_rows)
     cfg = TrainConfig(
         model=str(model_dir),
         data="(in memory)",
@@ -100,12 +101,15 @@ def survive_checks(work: Path) -> dict:
     """The CUDA side of runs that survive, on the tiny base: bf16 resume, and fp16 with a poisoned batch."""
     from safetensors.torch import load_file
 
+    import vlmtune.cache as cache
     import vlmtune.finetune as finetune
+    import vlmtune.loop as loop
+    import vlmtune.pipeline as pipeline
     from vlmtune.config import TrainConfig
     from vlmtune.rundir import read_jsonl
 
     train_rows, val_rows = in_memory_splits(96, 8)
-    finetune.load_splits = lambda *a, **k: (train_rows, None)
+    pipeline.load_splits = lambda *a, **k: (train_rows, None)
 
     def cfg(out, **kw):
         base = dict(
@@ -123,7 +127,7 @@ def survive_checks(work: Path) -> dict:
 
     out: dict = {}
     straight = finetune.train(cfg("straight", max_steps=30))
-    real_save = finetune._Session.save
+    real_save = loop.Session.save
 
     def crash_after_20(self, run, optimizer, scheduler, state):
         path = real_save(self, run, optimizer, scheduler, state)
@@ -131,12 +135,12 @@ def survive_checks(work: Path) -> dict:
             raise RuntimeError("simulated crash after the step-20 checkpoint")
         return path
 
-    finetune._Session.save = crash_after_20
+    loop.Session.save = crash_after_20
     try:
         finetune.train(cfg("resumed", max_steps=30))
     except RuntimeError as e:
         out["crash"] = str(e)
-    finetune._Session.save = real_save
+    loop.Session.save = real_save
     finetune.train(cfg("resumed", max_steps=30, resume="auto", overwrite=False))
     a = load_file(str(straight / "adapter_model.safetensors"))
     b = load_file(str(work / "resumed" / "adapter_model.safetensors"))
@@ -145,16 +149,16 @@ def survive_checks(work: Path) -> dict:
     rng = torch.load(work / "resumed" / "checkpoints" / "step-00000030" / "rng.pt", weights_only=False)
     out["cuda_rng_saved"] = "cuda" in rng
 
-    real = finetune.build_feature_cache
+    real = cache.build_feature_cache
 
     def poisoned(*args, **kwargs):
         features = real(*args, **kwargs)
         features[3] = float("nan")
         return features
 
-    finetune.build_feature_cache = poisoned
+    cache.build_feature_cache = poisoned
     run = finetune.train(cfg("fp16-nan", dtype="float16", epochs=3))
-    finetune.build_feature_cache = real
+    cache.build_feature_cache = real
     records = read_jsonl(run / "metrics.jsonl")
     out["fp16_skipped_steps"] = records[-1]["skipped_steps"]
     out["fp16_adapter_finite"] = all(

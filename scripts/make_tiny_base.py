@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
     BlipImageProcessorPil,
     GenerationConfig,
-    GPT2TokenizerFast,
 )
 
 from vlmtune.families import family_for
 from vlmtune.synthetic import examples
+from vlmtune.tiny import bpe_tokenizer
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "vlmtune" / "assets" / "tiny-blip2"
 IMAGE_SIZE, QUERY_TOKENS = 64, 8
@@ -45,23 +44,6 @@ def prose() -> list[str]:
     text = "\n".join(pydoc_data.topics.topics.values())
     paras = [" ".join(p.split()) for p in text.split("\n\n")]
     return [p for p in paras if len(p) > 80 and not p.startswith(("::", ">>>", "*"))]
-
-
-def build_tokenizer(corpus: list[str], vocab_size: int) -> GPT2TokenizerFast:
-    # OPT's special tokens, in OPT's order: <s>=0, <pad>=1, </s>=2 (also BOS), <unk>=3.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
-    return GPT2TokenizerFast(
-        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def build_config(vocab_size: int, newline_id: int, image_token_id: int) -> Blip2Config:
@@ -154,7 +136,7 @@ def main() -> None:
     held_out = list(examples("shapes", 64, seed=101))
     paragraphs = prose()
 
-    tokenizer = build_tokenizer(
+    tokenizer = bpe_tokenizer(
         [r.text for r in train] + [f"{q} {a}" for r in train for q, a in r.qa] + paragraphs, vocab_size=512
     )
     processor = Blip2Processor(

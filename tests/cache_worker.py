@@ -3,7 +3,8 @@ the reference: builds the image-feature cache of a dataset's train split with th
 the number of images this process itself ran through the vision side and the files (device, inode) it has
 mapped that hold features, as OUT_DIR/rank{N}.pt. WHERE names the case, by words: `kept` (kept in a directory,
 then read back from it), `apart` (as if each process ran on a machine of its own), `disk` (too big for memory),
-`bf16` (in bfloat16)."""
+`bf16` (in bfloat16), `ragged` (features of a varying number of tokens per image, as a dynamic-resolution
+vision encoder gives: each image keeps its first 1..n feature rows, by its pixels)."""
 
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ def main(data: str, out_dir: str, where: str) -> None:
     seen = []
     image_features = family.image_features
     family.image_features = lambda m, pixels, *a: seen.append(len(pixels)) or image_features(m, pixels, *a)
+    if "ragged" in where:
+        family.image_features = ragged(family.image_features)
     if "disk" in where:
         cache.HOST_LIMIT = 0  # as if the features were too big for RAM
     if "apart" in where:
@@ -51,6 +54,17 @@ def main(data: str, out_dir: str, where: str) -> None:
     }
     torch.save(result, Path(out_dir) / f"rank{accelerator.process_index}.pt")
     accelerator.end_training()  # a process group left to exit-time destructors can abort the process
+
+
+def ragged(image_features):
+    """Per-image features of varying length: image i keeps its first 1 + (a function of its pixels) rows."""
+
+    def varying(model, pixels, *args):
+        rows = image_features(model, pixels, *args)
+        keep = [1 + int(p.float().sum().abs() * 1000) % len(r) for p, r in zip(pixels, rows, strict=True)]
+        return [r[:k] for r, k in zip(rows, keep, strict=True)]
+
+    return varying
 
 
 def mapped() -> set[tuple[str, int]]:

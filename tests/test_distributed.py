@@ -146,13 +146,16 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-@pytest.mark.parametrize("where", ["shared", "kept", "apart", "apart-disk", "kept-apart", "bf16-apart"])
+@pytest.mark.parametrize(
+    "where",
+    ["shared", "kept", "apart", "apart-disk", "kept-apart", "bf16-apart", "ragged", "ragged-kept-apart"],
+)
 def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     """Each of two processes runs half the images through the vision side, and both end with the whole
     cache, equal to what one process computes alone. On one machine: in one file both processes map, which
     leaves no file behind; kept for later runs, which both then read. As if on two machines: in memory, or too
     big for it in a file of each process's own, with the shares exchanged, kept, and in bfloat16, which
-    travels as bytes."""
+    travels as bytes. Features of a varying length per image (`ragged`) take the same ways."""
     worker = [str(Path(__file__).parent / "cache_worker.py"), football]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     alone, shared = tmp_path / "alone", tmp_path / "shared"
@@ -165,7 +168,10 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
     reference = torch.load(alone / "rank0.pt", weights_only=False)
     ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
-    assert reference["kind"].__name__ == ("DiskFeatures" if "disk" in where else "Tensor")  # one process
+    alone_kind = "Ragged" if "ragged" in where else "DiskFeatures" if "disk" in where else "Tensor"
+    assert reference["kind"].__name__ == alone_kind  # one process
+    if "ragged" in where:  # the lengths do vary
+        assert len({len(f) for f in reference["features"]}) > 3
     files = [r["mapped"] for r in ranks]
     if "apart" not in where:  # one file for the machine, not one per process
         assert len(files[0]) == 1 and files[0] == files[1]
@@ -173,8 +179,9 @@ def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
         assert len(files[0]) == len(files[1]) == 1 and files[0] != files[1]
     assert not list(shared.glob("*.npy*")) and not list(shared.glob("kept/*.tmp"))
     for r in ranks:
+        in_memory = where in ("apart", "kept-apart", "bf16-apart")
         assert r["kind"].__name__ == (
-            "Tensor" if where in ("apart", "kept-apart", "bf16-apart") else "DiskFeatures"
+            "Ragged" if "ragged" in where else "Tensor" if in_memory else "DiskFeatures"
         )
         tight = {} if "bf16" in where else dict(rtol=1e-5, atol=1e-6)  # bf16: its own default tolerance
         torch.testing.assert_close(r["features"], reference["features"], **tight)
@@ -205,7 +212,7 @@ def test_validation_covers_every_example_once_across_processes(football, tmp_pat
     from torch.utils.data import DataLoader
 
     from vlmtune.data import CaptionExamples, Collator, load_splits
-    from vlmtune.finetune import evaluate_loss
+    from vlmtune.loop import evaluate_loss
     from vlmtune.modeling import load_for_inference
 
     run = tmp_path / "val"

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlmtune.finetune as finetune
+import vlmtune.loop as loop
 from vlmtune.checkpoint import complete_checkpoints, resolve_resume
 from vlmtune.cli import main
 from vlmtune.config import TrainConfig
@@ -131,14 +132,14 @@ def test_tensorboard_shows_each_step_once_after_a_resume(football, tmp_path, mon
     """A run dies after TensorBoard wrote steps past its last checkpoint; resumed, it shows each step once."""
     settings = dict(model="tiny", data=football, output=str(tmp_path / "run"), batch_size=4, max_steps=40)
     settings |= dict(save_every=20, log_every=1, sample_every=0, num_samples=0, lr=3e-3)
-    after_step = finetune._Session.after_step
+    after_step = loop.Session.after_step
 
     def dies_at_step_35(self, state, *args, **kwargs):
         after_step(self, state, *args, **kwargs)
         if state.step == 35:
             raise RuntimeError("killed")
 
-    monkeypatch.setattr(finetune._Session, "after_step", dies_at_step_35)
+    monkeypatch.setattr(loop.Session, "after_step", dies_at_step_35)
     with pytest.raises(RuntimeError, match="killed"):
         finetune.train(TrainConfig(**settings))
     monkeypatch.undo()

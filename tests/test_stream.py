@@ -9,6 +9,7 @@ from datasets import Dataset, Features, Image, Value, load_from_disk
 from safetensors.torch import load_file
 
 import vlmtune.finetune as finetune
+import vlmtune.loop as loop
 from vlmtune.config import ConfigError, TrainConfig
 from vlmtune.data import DataError
 from vlmtune.rundir import read_jsonl
@@ -79,14 +80,14 @@ def test_streaming_trains_skips_bad_records_and_resumes_bitwise(stream_data, tmp
     class Crash(Exception):
         pass
 
-    real = finetune._Session.after_step
+    real = loop.Session.after_step
 
     def crash_at_5(self, state, *args, **kwargs):
         real(self, state, *args, **kwargs)
         if state.step == 5:
             raise Crash
 
-    monkeypatch.setattr(finetune._Session, "after_step", crash_at_5)
+    monkeypatch.setattr(loop.Session, "after_step", crash_at_5)
     with pytest.raises(Crash):
         finetune.train(config(stream_data, tmp_path / "resumed"))
     monkeypatch.undo()

@@ -131,3 +131,32 @@ def test_compiled_training_gives_the_same_losses(football, tmp_path):
         run = train(short(football, tmp_path / name, compile=compiled, lora_dropout=0.0))
         losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_replacing_a_directory_never_leaves_the_target_without_a_complete_version(tmp_path):
+    """What `merge --overwrite` does: a watcher polling the target sees a complete version at every moment."""
+    import threading
+
+    from vlmtune.rundir import replace_dir
+
+    target = tmp_path / "merged"
+    missing, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if not (target / "config.json").exists() or not (target / "model.safetensors").exists():
+                missing.append(1)
+
+    for version in range(60):
+        new = tmp_path / "merged.tmp"
+        new.mkdir()
+        (new / "config.json").write_text(str(version))
+        (new / "model.safetensors").write_text(str(version))
+        replace_dir(new, target)
+        if version == 0:
+            thread = threading.Thread(target=watch)
+            thread.start()
+        assert (target / "config.json").read_text() == str(version) and not new.exists()
+    done.set()
+    thread.join()
+    assert not missing and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

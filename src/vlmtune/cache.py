@@ -5,6 +5,8 @@ so over the seed recipe's 11 epochs caching it removes ten of eleven of those pa
 language model receives in place of the image placeholders, (N, tokens, d_lm) in the model's dtype, or, when a
 module after the vision encoder trains (or reads the text), the vision encoder's output alone, and the modules
 after it run on it each step: as far along the image path as the family's `cache_level` says nothing changes.
+Images may give features of any length (a dynamic-resolution vision encoder): they are then stored as rows one
+token each, image after image, with per-image offsets (`Ragged`), through the same tiers and exchange.
 Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
 
 Where it lives follows its size (`_tier`). Beyond what host memory should hold, or off the accelerator when
@@ -67,6 +69,30 @@ class DiskFeatures:
 
     def __len__(self) -> int:
         return len(self.array)
+
+
+class Ragged:
+    """Cached features of any length per image: `rows` (total rows, *rest) in any tier (a tensor or a
+    `DiskFeatures`) and `offsets` (N + 1,): image i's features are rows offsets[i]:offsets[i + 1]. For a family
+    whose images give a varying number of feature tokens (a dynamic-resolution vision encoder); a family
+    whose images all give the same shape gets a plain (N, *shape) store instead."""
+
+    def __init__(self, rows: torch.Tensor | DiskFeatures, offsets: torch.Tensor):
+        self.rows, self.offsets = rows, offsets
+        self.device = rows.device
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """Each indexed image's features: a list of (n_i, *rest) tensors."""
+        bounds = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in index.tolist()]
+        rows = self.rows[torch.cat([torch.arange(a, b) for a, b in bounds]).to(self.device)]
+        return list(rows.split([b - a for a, b in bounds]))
+
+
+def _offsets_file(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".npy") + ".offsets.npy")
 
 
 def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[str | None, str]:
@@ -135,7 +161,8 @@ def store_key(
     model.eval()
     with accelerator.autocast():
         pixels = batch["pixel_values"].to(accelerator.device, dtype)
-        rows = family.image_features(model, pixels, upto).to(dtype)
+        rows = family.image_features(model, pixels, upto)
+        rows = (torch.cat(list(rows)) if isinstance(rows, (list, tuple)) else rows).to(dtype)
     model.train(was_training)
     digest = hashlib.sha256(rows.float().cpu().numpy().tobytes())
     digest.update(json.dumps([fingerprint, len(examples), examples.image_column, str(dtype), upto]).encode())
@@ -149,13 +176,23 @@ def store_key(
 
 def _readable(path: Path, n: int) -> bool:
     try:
-        return np.load(path, mmap_mode="r").shape[0] == n
+        rows = np.load(path, mmap_mode="r").shape[0]
+        if not _offsets_file(path).exists():
+            return rows == n
+        offsets = np.load(_offsets_file(path))
+        return len(offsets) == n + 1 and int(offsets[-1]) == rows
     except (OSError, ValueError):
         return False
 
 
-def _load(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | DiskFeatures:
+def _load(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | DiskFeatures | Ragged:
     """Kept features where `build_feature_cache` would have put them: device, host memory or the file."""
+    if _offsets_file(path).exists():
+        return Ragged(_load_rows(path, dtype, accelerator), torch.from_numpy(np.load(_offsets_file(path))))
+    return _load_rows(path, dtype, accelerator)
+
+
+def _load_rows(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | DiskFeatures:
     stored = DiskFeatures.open(path, dtype)
     tier = _tier(stored.array.nbytes, accelerator.device, _processes_here(accelerator))
     if tier == "disk":
@@ -186,15 +223,17 @@ def _processes_here(accelerator: Any) -> int:
 
 
 def _save(features: torch.Tensor | DiskFeatures, path: Path, dtype: torch.dtype) -> None:
-    """Written to a temporary name and renamed: a run killed mid-write leaves no file to misread."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    stored = features.cpu().view(_AS_STORED[dtype]) if torch.is_tensor(features) else features
+    _save_array(stored.array if isinstance(stored, DiskFeatures) else stored.numpy(), path)
+
+
+def _save_array(array: np.ndarray, path: Path) -> None:
+    """`array` to `path` by way of a temporary name: a run killed mid-write leaves no file to misread."""
     tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
-            if isinstance(features, DiskFeatures):
-                np.save(f, features.array)
-            else:
-                np.save(f, features.cpu().view(_AS_STORED[dtype]).numpy())
+            np.save(f, array)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -266,23 +305,34 @@ def build_feature_cache(
     was_training = model.training
     model.eval()
     store: _Store | None = None
+    ragged: list[torch.Tensor] | None = None  # this share's per-image features, when their lengths vary
     done = share.start
     desc = "caching image features" + (f" ({len(share)} of {n} in this process)" if world > 1 else "")
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
             pixels = batch["pixel_values"].to(accelerator.device, dtype)
             with accelerator.autocast():
-                rows = family.image_features(model, pixels, upto).to(dtype)
+                rows = family.image_features(model, pixels, upto)
+            if isinstance(rows, (list, tuple)):  # one tensor per image, each of its own length
+                ragged = (ragged or []) + ([r.to(dtype).cpu() for r in rows] if share else [])
+                rest = rows[0].shape[1:]
+                continue
+            rows = rows.to(dtype)
             if store is None:
                 store = _Store(n, rows.shape[1:], dtype, accelerator, **where)
             if share:
                 store.write(done, rows)
                 done += len(rows)
+        offsets = None
+        if ragged is not None:
+            store, offsets, bounds = _ragged_store(ragged, rest, bounds, dtype, accelerator, where)
         if store is None:  # no examples at all
             raise ValueError("no examples to cache image features for")
         if world > 1:
             store.exchange(bounds, accelerator)
         if keep_as is not None:
+            if offsets is not None and accelerator.is_main_process:  # before the rows: they mark it complete
+                _save_array(offsets.numpy(), _offsets_file(keep_as))
             store.keep(keep_as, accelerator)
     except BaseException:
         if store is not None:
@@ -290,7 +340,32 @@ def build_feature_cache(
         raise
     finally:
         model.train(was_training)
-    return store.features
+    return store.features if offsets is None else Ragged(store.features, offsets)
+
+
+def _ragged_store(
+    features: list[torch.Tensor],
+    rest: torch.Size,
+    bounds: list[int],
+    dtype: torch.dtype,
+    accelerator: Any,
+    where: dict,
+) -> tuple[_Store, torch.Tensor, list[int]]:
+    """The store for per-image features of varying length, once every process's lengths are known: one row
+    per feature token, laid out image after image; this process's share written in. Returns the store, the
+    offsets (N + 1,) and each process's share in rows (what `exchange` hands around)."""
+    lengths = [len(f) for f in features]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        lengths = [k for share in gather_object([lengths]) for k in share]  # in rank order
+    offsets = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+    store = _Store(int(offsets[-1]), rest, dtype, accelerator, **where)
+    start = int(offsets[bounds[accelerator.process_index]])
+    for f in features:
+        store.write(start, f)
+        start += len(f)
+    return store, offsets, [int(offsets[b]) for b in bounds]
 
 
 class _Store:

@@ -110,7 +110,7 @@ def run(name: str, cfg: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     name, cfg = parse(argv)
     from .data import DataError
-    from .finetune import TrainingStopped
+    from .errors import TrainingStopped
     from .modeling import ModelLoadError
     from .rundir import RunDirError
 

@@ -13,17 +13,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantize = Literal["none", "8bit", "4bit"]
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
-
-
-class ConfigError(ValueError):
-    """Every problem found in a configuration, reported together."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:

@@ -14,11 +14,9 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from .errors import DataError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DataError(ValueError):
-    pass
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -336,6 +334,24 @@ class CaptionExamples:
                 f"row {i}, column {self.text_column!r}: expected a non-empty caption, got {text!r}"
             )
         return {"image": image, "prompt": self.prompting(row), "target": text, "index": i}
+
+    def epoch_order(self, seed: int, batch_size: int, *, one_caption: bool, by_length: bool) -> EpochSampler:
+        """The sampler of each epoch's order (one caption per image, batches of similar length, as asked)."""
+        return EpochSampler(
+            len(self),
+            seed,
+            groups=self.groups() if one_caption else None,
+            lengths=self.target_lengths() if by_length else None,
+            batch_size=batch_size,
+        )
+
+    def workers(self, asked: int) -> int:
+        """DataLoader workers that get a share: all of them, for a map-style split."""
+        return asked
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        """The first `n` examples: fixed samples to caption during training."""
+        return [self[i] for i in range(min(n, len(self)))]
 
     def groups(self) -> list[list[int]]:
         """Example indices by image (row), for drawing one caption per image."""

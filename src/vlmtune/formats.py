@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 IMAGE_KEYS = ("image", "file_name", "image_path", "path", "filepath")
 TEXT_KEYS = ("text", "caption", "captions")
 
@@ -55,8 +57,6 @@ def _image_root(annotations: Path, image_root: str | None, first: str) -> Path:
 
 def load_coco(annotations: Path, image_root: str | None = None) -> Any:
     """One row per image: `image` (absolute path), `text` (all its captions), `image_id`."""
-    from .data import DataError
-
     try:
         doc = json.loads(annotations.read_text())
         images, anns = doc["images"], doc["annotations"]
@@ -82,8 +82,6 @@ def load_coco(annotations: Path, image_root: str | None = None) -> Any:
 
 def load_manifest(path: Path) -> Any:
     """A .jsonl or .csv with an image path (relative to the manifest) and a caption, or question/answer(s)."""
-    from .data import DataError
-
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -148,8 +146,6 @@ def load_metadata_folder(folder: Path) -> Any:
     relative to its own folder, becomes the `image` column; a top folder named train/validation/test is a
     split), except that a value of the wrong type is one more bad record instead of an error (`_typed`)."""
     import datasets
-
-    from .data import DataError
 
     splits: dict[str, dict[str, list]] = {}
     for meta in sorted(folder.rglob("metadata.jsonl")):

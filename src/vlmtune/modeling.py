@@ -11,14 +11,11 @@ from typing import Any
 
 import torch
 
+from .errors import ModelLoadError
 from .families import Family, family_for
 
 TINY = "tiny"
 TINY_PATH = Path(__file__).parent / "assets" / "tiny-blip2"
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def resolve_model(name: str) -> str:

@@ -25,13 +25,11 @@ from typing import Any
 
 import yaml
 
+from .errors import RunDirError
+
 CONFIG_FILE = "vlmtune.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-
-
-class RunDirError(RuntimeError):
-    pass
 
 
 def versions() -> dict[str, str]:
@@ -122,6 +120,39 @@ def save_atomically(run: Path, write: Any) -> None:
                 os.replace(f, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the finished directory `new` at `target`, with no moment at which `target` holds no complete
+    version: a first one is renamed in; an existing one is swapped with it in one atomic step
+    (`renameat2(RENAME_EXCHANGE)`, Linux), then removed. Where that call is missing, the old version is
+    renamed aside first, so the gap is two renames long, and the old one stays beside the target if the
+    second fails."""
+    if not target.exists():
+        new.rename(target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)  # now the old version
+        return
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0
 
 
 class JsonlLog:

@@ -88,6 +88,10 @@ class StreamExamples(torch.utils.data.IterableDataset):
                     continue
                 yield example
 
+    def epoch_order(self, *args: Any, **kwargs: Any) -> None:
+        """No sampler: the stream shuffles itself, by (seed, epoch), and `position` skips what was trained."""
+        return None
+
     def workers(self, asked: int) -> int:
         """DataLoader workers that get a share: `datasets` splits a stream between workers by shard."""
         return min(asked, getattr(self.stream, "n_shards", 1))

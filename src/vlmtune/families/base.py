@@ -170,8 +170,10 @@ class Family(ABC):
 
     def image_features(
         self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
-    ) -> torch.Tensor:
-        """What the frozen part of the image path hands on, per image (see `cache_level`)."""
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """What the frozen part of the image path hands on, per image (see `cache_level`): a (B, ...) tensor,
+        or a list of B tensors (n_i, ...) when images give a varying number of feature tokens; the cache
+        stores either, and `cached_inputs` gets back what this returned."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def cached_inputs(

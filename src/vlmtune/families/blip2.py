@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import _text
+from ._text import assemble, end_tokens, lora_targets, new_tokens, target_text
 from .base import IGNORE_INDEX, Family, unwrap
 
 # What each trainable group trains in full (peft `modules_to_save`).
@@ -55,7 +55,7 @@ class Blip2(Family):
         super().__init__(config)
         self.image_token_id: int = config.image_token_id
         self.num_query_tokens: int = config.num_query_tokens
-        self.end_token_ids = _text.end_tokens(config.text_config)
+        self.end_token_ids = end_tokens(config.text_config)
         if self.image_token_id is None:
             raise ValueError(
                 "This BLIP-2 config has no image_token_index: it predates transformers 4.47. Load the current "
@@ -63,7 +63,7 @@ class Blip2(Family):
             )
 
     def lora_target_modules(self) -> str:
-        return _text.lora_targets(self.config.text_config, self.name)
+        return lora_targets(self.config.text_config, self.name)
 
     def language_model(self, model: Any) -> Any:
         return unwrap(model).language_model
@@ -139,11 +139,9 @@ class Blip2(Family):
                 )
         target_ids = None
         if targets is not None:
-            texts = [
-                _text.target_text(p, t, self.encoder_decoder) for p, t in zip(prompts, targets, strict=True)
-            ]
+            texts = [target_text(p, t, self.encoder_decoder) for p, t in zip(prompts, targets, strict=True)]
             target_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return _text.assemble(
+        return assemble(
             prompt_ids,
             target_ids,
             encoder_decoder=self.encoder_decoder,
@@ -209,7 +207,7 @@ class Blip2(Family):
         kwargs.setdefault("eos_token_id", sorted(self.end_token_ids))
         kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
         out = model.generate(**batch, **kwargs)
-        return _text.new_tokens(out, batch, self.encoder_decoder)
+        return new_tokens(out, batch, self.encoder_decoder)
 
 
 def _qformer_outputs(features: torch.Tensor) -> Any:

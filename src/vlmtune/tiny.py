@@ -1,0 +1,80 @@
+"""Tokenizers of each family's kind, built offline from a corpus: for tiny models (the shipped tiny base, the
+tests' tiny checkpoints of every family), which must hold the real special tokens and conventions of the
+family they stand for, since labels and generation are tested on them."""
+
+from __future__ import annotations
+
+import math
+import string
+from collections import Counter
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
+    """OPT's layout: <s>=0, <pad>=1, </s>=2 (also BOS, put before every text), <unk>=3; <image> added."""
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    out = GPT2TokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
+
+
+def t5_tokenizer(texts: list[str]):
+    """T5's layout: <pad>=0 (also the decoder's start), </s>=1 appended to every text, <unk>=2; <image>."""
+    from transformers import T5TokenizerFast
+
+    # A sentencepiece-style unigram vocabulary written out (the trainer keeps few pieces of so small a
+    # corpus): every corpus word with its "▁" word start, and every character as a fallback.
+    words = Counter(w for t in texts for w in t.split())
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, math.log(n + 1)) for w, n in sorted(words.items())]
+    pieces += [("▁", -5.0)] + [(c, -10.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    out = T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+    out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
+
+
+def bert_tokenizer(texts: list[str], vocab_size: int = 300):
+    """BERT's (uncased WordPiece) layout: [PAD]=0, [UNK], [CLS], [SEP], [MASK], and BLIP's [DEC]."""
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+    )
