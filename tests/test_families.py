@@ -105,6 +105,17 @@ def test_encode_trains_exactly_the_target_and_the_end_token(kind, checkpoints):
                 )
                 assert where[0] == prompt_only["input_ids"].shape[1]
                 assert (batch["attention_mask"][i, where] == 1).all()
+    # What `data check` reports an example spends of --max-length is what encode spends: one token less and
+    # the target is cut (it loses its end token), exactly that many and it is whole.
+    caption = "two players in white jerseys near the goal on the left of the ball and a red ball on the right"
+    for prompt in (family.caption_prompt, family.format_question("how many?")):
+        need = family.text_tokens(processor, prompt, caption)
+        for budget, whole in ((need, True), (need - 1, False)):
+            got = family.encode(
+                processor, images[:1], [prompt], [caption], max_length=budget, padding_side="right"
+            )
+            labels = got["labels"][0][got["labels"][0] != IGNORE_INDEX].tolist()
+            assert (labels[-1] == family.end_token_id) == whole, (prompt, caption, budget)
     # A target cut by max_length gets no end token: the model never learns to stop mid-sentence.
     long = family.encode(processor, images[:1], [""], ["a player " * 40], max_length=12, padding_side="right")
     cut = long["labels"][0][long["labels"][0] != IGNORE_INDEX].tolist()

@@ -109,7 +109,11 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
 
     kind, _ = detect(cfg.data)
     loaded = load_dict(cfg.data, cfg.image_root)
-    tokenizer = load_processor(resolve_model(cfg.model)).tokenizer
+    from .families import family_for
+    from .modeling import load_config
+
+    processor = load_processor(resolve_model(cfg.model))
+    family = family_for(load_config(cfg.model))
     print(f"{cfg.data}: detected {kind}; splits: {', '.join(f'{k} ({len(v)})' for k, v in loaded.items())}")
     summary: dict[str, Any] = {"format": kind, "splits": {}}
     for name in [cfg.split] if cfg.split else list(loaded):
@@ -118,7 +122,8 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
         bad = find_bad_records(ds, cfg.image_column, cfg.text_column, sizes=sizes)
         captions = [t for v in ds[cfg.text_column] for t in targets_of(v) if isinstance(t, str) and t.strip()]
         per_image = [len(targets_of(v)) for v in ds[cfg.text_column]]
-        lengths = [len(tokenizer(t)["input_ids"]) + 1 for t in captions]  # with BOS and the end token
+        # As training counts them: the family's prompt, special tokens and end token included.
+        lengths = [family.text_tokens(processor, family.caption_prompt, t) for t in captions]
         s = {
             "records": len(ds),
             "captions": len(captions),
@@ -137,5 +142,7 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
         print(f"  over --max-length {cfg.max_length} tokens (would be cut): {s['truncated_at_max_length']}")
         print(f"  image modes: {s['modes']}")
         print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
-    print(f"\n(caption lengths counted with the tokenizer of {cfg.model})")
+    print(
+        f"\n(caption lengths counted as {family.name} training counts them, with the tokenizer of {cfg.model})"
+    )
     return summary

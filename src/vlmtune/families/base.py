@@ -143,6 +143,12 @@ class Family(ABC):
             padding_side: "right" for training, "left" for batched generation.
         """
 
+    @abstractmethod
+    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
+        """How many of `--max-length`'s tokens the example's target side spends, counted as `encode` counts
+        them (special tokens and the end token included, image tokens not): over max_length, the target is cut.
+        (A prompt that alone is over max_length is refused by `encode`.)"""
+
     def encode_text(
         self,
         processor: Any,

@@ -89,6 +89,11 @@ class Blip(Family):
         batch["pixel_values"] = torch.as_tensor(np.stack(pixels))
         return batch
 
+    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
+        tok = processor.tokenizer
+        words = [tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, target.strip())]
+        return 1 + len(words[0]) + len(words[1]) + 1  # [DEC] prompt target [SEP]
+
     def generation_groups(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, Any]]]:
         lengths = batch["attention_mask"].sum(1).tolist()
         groups = []

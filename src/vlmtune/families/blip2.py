@@ -125,6 +125,19 @@ class Blip2(Family):
         batch.update(self.text_inputs(processor, prompts))
         return batch
 
+    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
+        tok = processor.tokenizer
+        prompt_ids = tok(prompt)[
+            "input_ids"
+        ]  # with the tokenizer's own special tokens, as the processor adds
+        target_ids = tok(target_text(prompt, target, self.encoder_decoder), add_special_tokens=False)[
+            "input_ids"
+        ]
+        # A decoder-only model spends the budget on the whole sequence; an encoder-decoder one on each side
+        # apart, and only the decoder's side (the target) is ever cut.
+        spent = len(target_ids) + 1
+        return spent if self.encoder_decoder else len(prompt_ids) + spent
+
     def text_inputs(self, processor: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Text inputs beside the language model's (none for BLIP-2: its Q-Former reads no text)."""
         return {}
