@@ -124,7 +124,7 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
     """
     import datasets
 
-    from .formats import load_coco, load_manifest, load_metadata_folder, mixed_metadata
+    from .formats import load_coco, load_manifest, load_metadata_folder
 
     kind, path = detect(source)
     if kind == "hub":
@@ -133,13 +133,14 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
         except (ConnectionError, OSError) as e:  # offline, or no such repository
             raise _unreachable(source, e) from e
     try:
-        if kind == "imagefolder" and not mixed_metadata(path):
-            return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
-        if kind in ("parquet", "arrow"):
+        if kind == "imagefolder":
+            # Read here only when a value has the wrong type, so that it is one more bad record.
+            loaded = load_metadata_folder(path)
+            if loaded is None:
+                return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
+        elif kind in ("parquet", "arrow"):
             files = [str(path)] if path.is_file() else sorted(str(f) for f in path.rglob(f"*.{kind}"))
             return datasets.load_dataset(kind, data_files=_files_by_split(files), streaming=streaming)
-        if kind == "imagefolder":  # a value of the wrong type: read here, so it is one more bad record
-            loaded = load_metadata_folder(path)
         elif kind == "coco":
             loaded = load_coco(path, image_root)
         elif kind == "manifest":

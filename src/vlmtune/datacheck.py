@@ -62,9 +62,8 @@ def find_bad_records(
     if "_problems" in (getattr(dataset, "column_names", None) or []):
         for i, problems in enumerate(iter_column(dataset, "_problems")):
             for p in problems:
-                field, _, why = p.partition(": ")
-                found[i, field] = why
-                bad.append(BadRecord(i, field, why))
+                found[i, p["field"]] = p["why"]
+                bad.append(BadRecord(i, p["field"], p["why"]))
     texts = iter_column(dataset, text_column)
     for i, value in enumerate(texts):
         if (i, text_column) in found:

@@ -128,29 +128,19 @@ def _dataset(rows: dict[str, list]) -> Any:
     return datasets.Dataset(table.data, info=table.info, fingerprint=digest.hexdigest()[:16])
 
 
-def mixed_metadata(folder: Path) -> bool:
-    """Whether an image folder's metadata.jsonl files give some column values of more than one JSON type (a
-    caption that is a number, say): `datasets`' JSON reader stops at the first such row, naming no record."""
-    kinds: dict[str, set[type]] = defaultdict(set)
-    for meta in folder.rglob("metadata.jsonl"):
-        for line in meta.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            for key, value in (record if isinstance(record, dict) else {}).items():
-                if value is not None:
-                    kinds[key].add(type(value))
-    return any(len(types) > 1 for types in kinds.values())
-
-
-def load_metadata_folder(folder: Path) -> Any:
-    """An image folder read as `datasets`' imagefolder reads it (every metadata.jsonl, its `file_name`
-    relative to its own folder, becomes the `image` column; a top folder named train/validation/test is a
-    split), except that a value of the wrong type is one more bad record instead of an error (`_typed`)."""
+def load_metadata_folder(folder: Path) -> Any | None:
+    """An image folder's metadata.jsonl files, read as `datasets`' imagefolder reads them (each `file_name`
+    relative to its own file becomes the `image` column; a top folder named train/validation/test is a split),
+    when some column gives values of more than one JSON type (a caption that is a number): `datasets`' JSON
+    reader stops at the first such row, naming no record, while here it becomes one more bad record
+    (`_typed`). None when every column is of one type: `datasets` reads the folder itself."""
     import datasets
 
     splits: dict[str, dict[str, list]] = {}
     for meta in sorted(folder.rglob("metadata.jsonl")):
         top = meta.relative_to(folder).parts[0]
         split = top if top in ("train", "validation", "test") and top != meta.name else "train"
+        records = splits.setdefault(split, {"image": [], "_record": []})
         for n, line in enumerate(meta.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -160,30 +150,36 @@ def load_metadata_folder(folder: Path) -> Any:
                 raise DataError(f"{meta}, line {n}: not JSON ({e})") from e
             if not isinstance(record, dict) or "file_name" not in record:
                 raise DataError(f"{meta}, line {n}: expected an object with a file_name")
-            rows = splits.setdefault(split, defaultdict(list))
-            rows["image"].append(str((meta.parent / str(record.pop("file_name"))).resolve()))
-            rows["_record"].append(record)
-    out = {}
-    for split, rows in splits.items():
+            records["image"].append(str((meta.parent / str(record.pop("file_name"))).resolve()))
+            records["_record"].append(record)
+    types: dict[str, Counter] = defaultdict(Counter)
+    for rows in splits.values():
         records = rows.pop("_record")
         for key in sorted({k for r in records for k in r}):
             rows[key] = [r.get(key) for r in records]
-        out[split] = _dataset(dict(rows))
-    return datasets.DatasetDict(out)
+            types[key] += _types(rows[key])
+    if all(len(t) < 2 for t in types.values()):
+        return None
+    return datasets.DatasetDict({split: _dataset(rows) for split, rows in splits.items()})
+
+
+def _types(values: list) -> Counter:
+    return Counter(type(v) for v in values if v is not None)
 
 
 def _typed(rows: dict[str, list]) -> dict[str, list]:
     """`rows` with every column of one type, as Arrow needs: a value of another type than the column's usual
     one (a caption that is a number) becomes null, and a `_problems` column names it for the record check."""
-    problems: list[list[str]] = [[] for _ in rows["image"]]
+    problems: list[list[dict[str, str]]] = [[] for _ in rows["image"]]
     for key, values in rows.items():
-        types = Counter(type(v) for v in values if v is not None)
+        types = _types(values)
         if key == "image" or len(types) < 2:
             continue
         usual = types.most_common(1)[0][0]
         for i, v in enumerate(values):
             if v is not None and type(v) is not usual:
-                problems[i].append(f"{key}: expected {_kind(usual)}, got {v!r} ({_kind(type(v))})")
+                why = f"expected {_kind(usual)}, got {v!r} ({_kind(type(v))})"
+                problems[i].append({"field": key, "why": why})
                 values[i] = None
     return rows | {"_problems": problems} if any(problems) else rows
 
