@@ -141,7 +141,7 @@ def build_model(size: str, path: Path, vocab_size: int | None = None) -> None:
 
 
 def rows(n: int, seed: int) -> list[dict]:
-    from vlmtune.synthetic import examples
+    from vlmtune.data.synthetic import examples
 
     return [{"image": e.image, "text": e.text} for e in examples("football", n, seed)]
 
@@ -178,8 +178,8 @@ def one(args: argparse.Namespace) -> dict:
             args.model_dir, train_rows, out, device, args.seed_epochs or args.epochs, args.batch_size
         )
     elif args.one.startswith("vlmtune-train"):
-        import vlmtune.finetune as finetune
-        import vlmtune.pipeline as pipeline
+        import vlmtune.training.pipeline as pipeline
+        import vlmtune.training.run as finetune
         from vlmtune.config import TrainConfig
         from vlmtune.rundir import read_jsonl
 
@@ -359,7 +359,7 @@ def main() -> None:
         args.model_dir = str(Path(tmp) / f"blip2-{args.size}")
         build_model(args.size, Path(args.model_dir))
         if args.data == "disk":
-            from vlmtune.synthetic import write_football_dataset
+            from vlmtune.data.synthetic import write_football_dataset
 
             args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (args.images, 0)}))
         results = {name: measure(name, args) for name in args.only}

@@ -36,8 +36,10 @@ def one(args: argparse.Namespace) -> None:
     from accelerate.utils import gather_object
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import vlmtune.cache as cache
-    from vlmtune.data import CaptionExamples, Collator, load_splits
+    import vlmtune.training.cache as cache
+    from vlmtune.data.batching import Collator
+    from vlmtune.data.examples import CaptionExamples
+    from vlmtune.data.sources import load_splits
     from vlmtune.families import family_for
 
     accelerator = Accelerator()
@@ -111,7 +113,7 @@ def main() -> None:
 
     from bench import build_model, machine
 
-    from vlmtune.synthetic import write_football_dataset
+    from vlmtune.data.synthetic import write_football_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

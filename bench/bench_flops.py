@@ -57,7 +57,7 @@ def utilisation(model_dir: str, result: dict, epochs: int, device: str) -> dict:
     """FLOPs per sample and, on a known GPU, MFU for a vlmtune training result."""
     from transformers import AutoProcessor
 
-    from vlmtune.synthetic import examples
+    from vlmtune.data.synthetic import examples
 
     tok = AutoProcessor.from_pretrained(model_dir).tokenizer
     texts = [e.text for e in examples("football", 64, 0)]

@@ -106,7 +106,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from vlmtune.synthetic import football_example
+    from vlmtune.data.synthetic import football_example
 
     buf = io.BytesIO()
     football_example(random.Random(0)).image.save(buf, "PNG")

@@ -32,15 +32,15 @@ def build_random_blip2(path: Path) -> None:
 
 def in_memory_splits(n_train: int = 64, n_val: int = 16):
     """The drawn football scenes as lists of rows (this machine may lack `datasets`; the loop needs only rows)."""
-    from vlmtune.synthetic import examples
+    from vlmtune.data.synthetic import examples
 
     rows = lambda n, seed: [{"image": e.image, "text": e.text} for e in examples("football", n, seed)]  # noqa: E731
     return rows(n_train, 0), rows(n_val, 1)
 
 
 def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size: int) -> dict:
-    import vlmtune.finetune as finetune
-    import vlmtune.pipeline as pipeline
+    import vlmtune.training.pipeline as pipeline
+    import vlmtune.training.run as finetune
     from vlmtune.config import TrainConfig
     from vlmtune.rundir import read_jsonl
 
@@ -79,8 +79,8 @@ def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size
 
 
 def caption_speed(run: Path, n: int = 64, batch_size: int = 16) -> dict:
+    from vlmtune.data.synthetic import examples
     from vlmtune.infer import Captioner
-    from vlmtune.synthetic import examples
 
     captioner = Captioner.from_run(str(run))
     images = [e.image for e in examples("football", n, 5)]
@@ -101,10 +101,10 @@ def survive_checks(work: Path) -> dict:
     """The CUDA side of runs that survive, on the tiny base: bf16 resume, and fp16 with a poisoned batch."""
     from safetensors.torch import load_file
 
-    import vlmtune.cache as cache
-    import vlmtune.finetune as finetune
-    import vlmtune.loop as loop
-    import vlmtune.pipeline as pipeline
+    import vlmtune.training.cache as cache
+    import vlmtune.training.loop as loop
+    import vlmtune.training.pipeline as pipeline
+    import vlmtune.training.run as finetune
     from vlmtune.config import TrainConfig
     from vlmtune.rundir import read_jsonl
 

@@ -31,8 +31,8 @@ from transformers import (
     GenerationConfig,
 )
 
+from vlmtune.data.synthetic import examples
 from vlmtune.families import family_for
-from vlmtune.synthetic import examples
 from vlmtune.tiny import bpe_tokenizer
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "vlmtune" / "assets" / "tiny-blip2"

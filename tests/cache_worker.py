@@ -13,8 +13,10 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import vlmtune.cache as cache
-from vlmtune.data import CaptionExamples, Collator, load_splits
+import vlmtune.training.cache as cache
+from vlmtune.data.batching import Collator
+from vlmtune.data.examples import CaptionExamples
+from vlmtune.data.sources import load_splits
 from vlmtune.families import family_for
 from vlmtune.modeling import TINY_PATH
 

@@ -27,7 +27,7 @@ def tiny_path() -> str:
 @pytest.fixture(scope="session")
 def football(tmp_path_factory) -> str:
     """The demo dataset, drawn once per test session."""
-    from vlmtune.synthetic import write_football_dataset
+    from vlmtune.data.synthetic import write_football_dataset
 
     return str(write_football_dataset(tmp_path_factory.mktemp("data") / "football"))
 
@@ -35,7 +35,7 @@ def football(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, football) -> str:
     """A run of the demo preset exactly as `make demo` trains it (about a minute and a half on 2 cores)."""
-    from vlmtune.finetune import train
+    from vlmtune.training.run import train
 
     out = tmp_path_factory.mktemp("runs") / "demo"
     values = load_yaml(DEMO_PRESET, TrainConfig) | {"data": football, "output": str(out), "sample_every": 0}

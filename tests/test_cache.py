@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.config import TrainConfig
+from vlmtune.data.synthetic import examples
 from vlmtune.families import family_for
-from vlmtune.finetune import train
 from vlmtune.rundir import read_jsonl
-from vlmtune.synthetic import examples
+from vlmtune.training.run import train
 
 
 def short_run(football, out, **extra):
@@ -27,7 +27,7 @@ def adapter(run):
 
 def too_big_for_memory(monkeypatch) -> list:
     """Features go to a file, as if they were too big for RAM; returns the files rows are written to."""
-    import vlmtune.cache as cache
+    import vlmtune.training.cache as cache
 
     files, write = [], cache.DiskFeatures.write
     monkeypatch.setattr(cache, "HOST_LIMIT", 0)
@@ -119,7 +119,7 @@ def test_cache_spilled_to_disk_trains_the_same(football, tmp_path, monkeypatch):
 
 
 def test_disk_features_round_trip_bf16(tmp_path):
-    from vlmtune.cache import DiskFeatures
+    from vlmtune.training.cache import DiskFeatures
 
     rows = torch.randn(5, 3, 4).to(torch.bfloat16)
     store = DiskFeatures(tmp_path / "f.npy", (5, 3, 4), torch.bfloat16)
@@ -134,7 +134,7 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
     """--feature-cache-dir: the first run computes and keeps the features, a second run (a sweep, a resume)
     reads them without running the vision side and trains the same adapter; other data gets a file of its
     own."""
-    import vlmtune.cache as cache
+    import vlmtune.training.cache as cache
 
     keep = tmp_path / "features"
 
@@ -162,7 +162,7 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
 def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_path, monkeypatch):
     """Beyond host memory, kept features are built in the keep directory itself under a temporary name and
     renamed when complete (no second copy from a spill file); a pass that fails leaves nothing there."""
-    import vlmtune.cache as cache
+    import vlmtune.training.cache as cache
 
     keep, files = tmp_path / "features", too_big_for_memory(monkeypatch)
     first = short_run(football, tmp_path / "first", feature_cache_dir=str(keep))
@@ -188,7 +188,7 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from vlmtune.cache import _remove_abandoned
+    from vlmtune.atomic import remove_abandoned
 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -197,14 +197,14 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path):
     names = [f"k.npy.{host}.{dead}.tmp", f"k.npy.{host}.{os.getpid()}.tmp", f"k.npy.elsewhere.{dead}.tmp"]
     for name in [*names, "k.npy"]:
         (tmp_path / name).write_bytes(b"x")
-    _remove_abandoned(tmp_path)
+    remove_abandoned(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "k.npy"])
 
 
 def test_processes_on_one_machine_share_one_file_off_the_accelerator(monkeypatch):
     """Every process reads the whole cache: in host memory each would hold a copy, so processes that share a
     machine share one file; on an accelerator, each keeps its own copy while it is small."""
-    import vlmtune.cache as cache
+    import vlmtune.training.cache as cache
 
     monkeypatch.setattr(cache, "HOST_LIMIT", 100)
     monkeypatch.setattr(cache, "ON_DEVICE_LIMIT", 50)
@@ -221,8 +221,9 @@ def test_the_store_key_follows_the_model_and_the_data(tiny, football):
 
     import datasets
 
-    from vlmtune.cache import store_key
-    from vlmtune.data import CaptionExamples, Collator
+    from vlmtune.data.batching import Collator
+    from vlmtune.data.examples import CaptionExamples
+    from vlmtune.training.cache import store_key
 
     model, processor, family = tiny
     collate = Collator(family, processor, 48)

@@ -7,8 +7,11 @@ import pytest
 from datasets import load_from_disk
 from PIL import Image
 
-from vlmtune.data import CaptionExamples, DataError, load_splits, to_rgb
-from vlmtune.synthetic import examples
+from vlmtune.data.examples import CaptionExamples
+from vlmtune.data.images import to_rgb
+from vlmtune.data.sources import load_splits
+from vlmtune.data.synthetic import examples
+from vlmtune.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_to_rgb():
 
 
 def test_demo_dataset_is_deterministic(football, tmp_path):
-    from vlmtune.synthetic import write_football_dataset
+    from vlmtune.data.synthetic import write_football_dataset
 
     again = load_from_disk(str(write_football_dataset(tmp_path / "again")))
     first = load_from_disk(football)
@@ -112,7 +115,7 @@ def test_broken_local_dataset_is_not_called_unreachable(tmp_path):
 
 
 def test_epoch_sampler_one_example_per_image():
-    from vlmtune.data import EpochSampler
+    from vlmtune.data.batching import EpochSampler
 
     groups = [[0, 1, 2], [3], [4, 5]]  # image 0 has three captions, image 1 one, image 2 two
     sampler = EpochSampler(6, seed=1, groups=groups)
@@ -133,7 +136,7 @@ def test_epoch_sampler_one_example_per_image():
 
 
 def test_epoch_sampler_groups_by_length():
-    from vlmtune.data import EpochSampler
+    from vlmtune.data.batching import EpochSampler
 
     lengths = [(i * 37) % 101 for i in range(1000)]
     sampler = EpochSampler(1000, seed=3, lengths=lengths, batch_size=4)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vlmtune.config import TrainConfig
-from vlmtune.finetune import train
 from vlmtune.rundir import read_jsonl
+from vlmtune.training.run import train
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
 
     from safetensors.torch import load_file
 
-    from vlmtune.checkpoint import complete_checkpoints
+    from vlmtune.training.checkpoint import complete_checkpoints
 
     straight = tmp_path / "straight"
     err = finish(torchrun(football, straight))
@@ -211,9 +211,11 @@ def test_validation_covers_every_example_once_across_processes(football, tmp_pat
 
     from torch.utils.data import DataLoader
 
-    from vlmtune.data import CaptionExamples, Collator, load_splits
-    from vlmtune.loop import evaluate_loss
+    from vlmtune.data.batching import Collator
+    from vlmtune.data.examples import CaptionExamples
+    from vlmtune.data.sources import load_splits
     from vlmtune.modeling import load_for_inference
+    from vlmtune.training.loop import evaluate_loss
 
     run = tmp_path / "val"
     flags = ("--val-fraction", "0.25", "--eval-metrics", "--lora-dropout", "0", "--save-every", "0")

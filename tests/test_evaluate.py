@@ -93,7 +93,7 @@ def test_compare_base_needs_a_run(football, tmp_path, capsys):
 
 def test_vqa_evaluation(tmp_path, capsys):
     """Questions about drawn shapes, which the tiny base was pretrained to answer: VQA accuracy + exact match."""
-    from vlmtune.synthetic import examples
+    from vlmtune.data.synthetic import examples
 
     (tmp_path / "pics").mkdir()
     with open(tmp_path / "vqa.jsonl", "w") as f:

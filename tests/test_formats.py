@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune import datacheck
 from vlmtune.cli import main
 from vlmtune.config import TrainConfig
-from vlmtune.data import CaptionExamples, detect, load_splits, to_rgb
-from vlmtune.finetune import train
+from vlmtune.data import checks as datacheck
+from vlmtune.data.examples import CaptionExamples
+from vlmtune.data.images import to_rgb
+from vlmtune.data.sources import detect, load_splits
+from vlmtune.data.synthetic import examples
 from vlmtune.rundir import read_jsonl
-from vlmtune.synthetic import examples
+from vlmtune.training.run import train
 
 ROWS = list(examples("football", 5, seed=11))
 CAPTIONS = [[r.text, r.text.replace("player", "footballer")] for r in ROWS]  # two captions per image
@@ -140,7 +142,7 @@ def test_vqa_manifest_puts_the_question_in_the_prompt(tmp_path, football):
         num_samples=0,
     )
     train_set, _ = load_splits(cfg.data, columns=("image", "answer", "question"))
-    from vlmtune.data import Prompting
+    from vlmtune.data.examples import Prompting
 
     item = CaptionExamples(train_set, text_column="answer", prompting=Prompting(question_column="question"))[
         0
@@ -184,9 +186,9 @@ def test_each_bad_record_kind_is_named(tmp_path):
 
 
 def test_pixel_limit(tmp_path, monkeypatch):
-    import vlmtune.data
+    import vlmtune.data.images
 
-    monkeypatch.setattr(vlmtune.data, "MAX_PIXELS", 1000)  # a decompression bomb, scaled down
+    monkeypatch.setattr(vlmtune.data.images, "MAX_PIXELS", 1000)  # a decompression bomb, scaled down
     from datasets import Dataset
 
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
@@ -295,8 +297,8 @@ def test_evaluate_keeps_every_coco_reference(tmp_path):
 def test_one_caption_per_image_per_epoch(tmp_path):
     """--captions-per-epoch one: an epoch is one step per image, and across epochs each caption gets its turn."""
     from vlmtune.config import TrainConfig
-    from vlmtune.finetune import train
     from vlmtune.rundir import read_jsonl
+    from vlmtune.training.run import train
 
     source = write_format("coco", tmp_path / "coco")
     train_set, _ = load_splits(str(source))

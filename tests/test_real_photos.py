@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from vlmtune.config import TrainConfig
-from vlmtune.data import open_image
-from vlmtune.finetune import train
+from vlmtune.data.images import open_image
 from vlmtune.infer import Captioner
+from vlmtune.training.run import train
 
 pytestmark = pytest.mark.slow
 

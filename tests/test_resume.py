@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vlmtune.finetune as finetune
-import vlmtune.loop as loop
-from vlmtune.checkpoint import complete_checkpoints, resolve_resume
+import vlmtune.training.loop as loop
+import vlmtune.training.run as finetune
 from vlmtune.cli import main
 from vlmtune.config import TrainConfig
 from vlmtune.rundir import read_jsonl
+from vlmtune.training.checkpoint import complete_checkpoints, resolve_resume
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_tensorboard_shows_each_step_once_after_a_resume(football, tmp_path, mon
 
 def poison(monkeypatch, which):
     """Make the cached features of some images NaN, as a corrupt record or an fp16 overflow would."""
-    import vlmtune.cache as cache
+    import vlmtune.training.cache as cache
 
     real = cache.build_feature_cache
 
@@ -218,7 +218,7 @@ def test_too_many_non_finite_steps_stop_with_a_reason(football, tmp_path, monkey
 
 
 def test_a_checkpoint_write_that_dies_leaves_the_previous_one(football, tmp_path, monkeypatch):
-    import vlmtune.checkpoint as checkpoint
+    import vlmtune.training.checkpoint as checkpoint
 
     cfg = TrainConfig(
         model="tiny",

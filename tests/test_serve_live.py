@@ -66,7 +66,7 @@ def test_serve_model_tiny_answers_the_openai_client(test_images):
 @pytest.fixture(scope="module")
 def second_run(tmp_path_factory, football) -> str:
     """A second adapter on the same base, trained briefly with a prompt of its own."""
-    from vlmtune.finetune import train
+    from vlmtune.training.run import train
 
     out = tmp_path_factory.mktemp("runs") / "brief"
     cfg = TrainConfig(

@@ -8,13 +8,13 @@ import torch
 from datasets import Dataset, Features, Image, Value, load_from_disk
 from safetensors.torch import load_file
 
-import vlmtune.finetune as finetune
-import vlmtune.loop as loop
+import vlmtune.training.loop as loop
+import vlmtune.training.run as finetune
 from vlmtune.config import ConfigError, TrainConfig
-from vlmtune.data import DataError
+from vlmtune.data.stream import StreamExamples, load_stream
+from vlmtune.data.synthetic import examples
+from vlmtune.errors import DataError
 from vlmtune.rundir import read_jsonl
-from vlmtune.stream import StreamExamples, load_stream
-from vlmtune.synthetic import examples
 
 FEATURES = Features({"image": Image(), "text": Value("string")})
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmtune.config import TrainConfig
-from vlmtune.finetune import train
 from vlmtune.rundir import read_jsonl, read_run
+from vlmtune.training.run import train
 
 
 def short(football, out, **kw):
@@ -114,7 +114,7 @@ def test_two_precisions_in_one_process(football, tmp_path):
 
 
 def test_the_validation_split_is_written_to_the_run(football, tmp_path):
-    from vlmtune.data import held_out_rows
+    from vlmtune.data.sources import held_out_rows
 
     run = train(short(football, tmp_path / "run", val_fraction=0.1, seed=5))
     doc = json.loads((run / "split.json").read_text())
@@ -137,7 +137,7 @@ def test_replacing_a_directory_never_leaves_the_target_without_a_complete_versio
     """What `merge --overwrite` does: a watcher polling the target sees a complete version at every moment."""
     import threading
 
-    from vlmtune.rundir import replace_dir
+    from vlmtune.atomic import replace_dir
 
     target = tmp_path / "merged"
     missing, done = [], threading.Event()

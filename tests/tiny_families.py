@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.synthetic import examples
+from vlmtune.data.synthetic import examples
 from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, t5_tokenizer
 
 IMAGE = 32  # pixels: 16 patches of 8

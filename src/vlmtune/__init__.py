@@ -19,12 +19,12 @@ _API = {
     "AskConfig": "config",
     "MergeConfig": "config",
     "ConfigError": "config",
-    "train": "finetune",
+    "train": "training.run",
     "Captioner": "infer",
     "caption": "infer",
     "ask": "infer",
     "merge": "export",
-    "load_splits": "data",
+    "load_splits": "data.sources",
     "family_for": "families",
 }
 __all__ = sorted(_API)

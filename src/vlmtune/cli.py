@@ -30,12 +30,12 @@ from .config import (
 
 # name -> (config class, "module:function"); modules import lazily so `--help` does not wait for torch.
 COMMANDS: dict[str, tuple[type, str]] = {
-    "train": (TrainConfig, "vlmtune.finetune:train"),
+    "train": (TrainConfig, "vlmtune.training.run:train"),
     "caption": (CaptionConfig, "vlmtune.infer:caption"),
     "ask": (AskConfig, "vlmtune.infer:ask"),
     "merge": (MergeConfig, "vlmtune.export:merge"),
     "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
-    "data": (DataCheckConfig, "vlmtune.datacheck:check"),
+    "data": (DataCheckConfig, "vlmtune.data.checks:check"),
     "serve": (ServeConfig, "vlmtune.serve:serve"),
     "models": (ModelsConfig, "vlmtune.catalog:models"),
     "demo": (DemoConfig, "vlmtune.demo:demo"),
@@ -109,8 +109,7 @@ def run(name: str, cfg: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     name, cfg = parse(argv)
-    from .data import DataError
-    from .errors import TrainingStopped
+    from .errors import DataError, TrainingStopped
     from .modeling import ModelLoadError
     from .rundir import RunDirError
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import DemoConfig, TrainConfig, load_yaml
-from .finetune import train
+from .data.synthetic import write_football_dataset
 from .infer import Captioner
 from .metrics import exact_match, token_accuracy
-from .synthetic import write_football_dataset
+from .training.run import train
 
 
 def compare(run: str, dataset: Any, base_model: str = "tiny") -> dict[str, Any]:

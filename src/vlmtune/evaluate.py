@@ -15,12 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .config import EvaluateConfig
-from .data import DataError, as_image, file_of, iter_column, load_dict, pick_split
+from .data.images import as_image, file_of
+from .data.sources import iter_column, load_dict, pick_split
+from .errors import DataError
 from .infer import Captioner
 from .metrics import caption_scores, vqa_scores
 from .report import loss_svg, write_report
-from .rundir import METRICS_FILE, atomic_write_text, read_run, versions
+from .rundir import METRICS_FILE, read_run, versions
 
 THUMBNAIL = 256  # pixels, longest side, for the gallery
 
@@ -115,11 +118,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         # COCO's own result format, which its evaluation tools (and leaderboards) read: one caption an image.
         last = list(captions)[-1]
         results = [{"image_id": r["image_id"], "caption": r["captions"][last]} for r in rows]
-        atomic_write_text(out / "coco_results.json", json.dumps(results) + "\n")
+        write_text(out / "coco_results.json", json.dumps(results) + "\n")
     svg = loss_svg(Path(cfg.run) / METRICS_FILE) if cfg.run else None
     if svg:
         (out / "loss.svg").write_text(svg)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "data": cfg.data,
         "split": split,
@@ -129,7 +132,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "metric_implementation": f"pycocoevalcap {_version('pycocoevalcap')} (COCO caption evaluation)",
         "versions": versions(),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split})"
     write_report(
         out, title, table, rows, info["notes"] + [f"Tokenizer: {info['tokenizer']}."], svg is not None
@@ -141,7 +144,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _sources(ds: Any, column: str) -> list[str | None]:
     """Each row's image file as the dataset names it (None for images stored as bytes alone)."""
-    from .datacheck import raw_images
+    from .data.checks import raw_images
 
     return [file_of(v) for v in iter_column(raw_images(ds, column), column)]
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from .atomic import build_dir
 from .config import MergeConfig
 from .modeling import load_for_inference
-from .rundir import replace_dir
 
 
 def merge(cfg: MergeConfig) -> Path:
@@ -16,12 +15,13 @@ def merge(cfg: MergeConfig) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another directory")
     model, processor, _, _ = load_for_inference(cfg.run, None, cfg.dtype)
     merged = model.merge_and_unload()
+
     # Written beside the target, then swapped in: an interrupted merge never leaves a half-written model at
     # `out`, and a merge over an earlier one never leaves `out` without a model.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    replace_dir(tmp, out)
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    build_dir(out, write)
     print(f"merged model written to {out}")
     return out

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .config import AskConfig, CaptionConfig
-from .data import expand_images, open_image
+from .data.images import expand_images, open_image
 from .families import Family
 from .modeling import default_device, load_for_inference, pick_dtype
 

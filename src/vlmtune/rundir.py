@@ -7,7 +7,7 @@
       metrics.jsonl                                     one line per logged step / validation
       samples.jsonl                                     captions generated during training
       tensorboard/                                      the same numbers for TensorBoard
-      checkpoints/step-XXXXXXXX/                        training state for --resume (see checkpoint.py)
+      checkpoints/step-XXXXXXXX/                        training state for --resume (see training/checkpoint.py)
 
 The adapter sits at the top level, so the directory is also a plain peft adapter directory.
 """
@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .atomic import write_text
 from .errors import RunDirError
 
 CONFIG_FILE = "vlmtune.yaml"
@@ -78,7 +77,7 @@ def write_run_config(run: Path, cfg: Any, base_model: str, family: str, device: 
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(doc, sort_keys=False))
+    write_text(run / CONFIG_FILE, yaml.safe_dump(doc, sort_keys=False))
 
 
 def read_run(run: str | os.PathLike) -> dict[str, Any]:
@@ -93,66 +92,6 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
             "point --run at the --output of a completed `vlmtune train`"
         )
     return yaml.safe_load((path / CONFIG_FILE).read_text())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is for everyone who can read the run
-    os.replace(tmp, path)
-
-
-def save_atomically(run: Path, write: Any) -> None:
-    """Call `write(tmp_dir)`, then move each file it wrote into `run`.
-
-    Files land by `os.replace`, so a crash mid-save leaves every file either the old or the new version, never
-    half-written; the adapter config goes last, so a run only looks finished once its weights are in place.
-    """
-    tmp = Path(tempfile.mkdtemp(dir=run, prefix=".saving-"))
-    try:
-        write(tmp)
-        files = sorted(tmp.rglob("*"), key=lambda p: p.name == "adapter_config.json")
-        for f in files:
-            if f.is_file():
-                dest = run / f.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put the finished directory `new` at `target`, with no moment at which `target` holds no complete
-    version: a first one is renamed in; an existing one is swapped with it in one atomic step
-    (`renameat2(RENAME_EXCHANGE)`, Linux), then removed. Where that call is missing, the old version is
-    renamed aside first, so the gap is two renames long, and the old one stays beside the target if the
-    second fails."""
-    if not target.exists():
-        new.rename(target)
-        return
-    if _exchange(new, target):
-        shutil.rmtree(new)  # now the old version
-        return
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically; False where the system cannot."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0
 
 
 class JsonlLog:

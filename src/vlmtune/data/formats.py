@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGE_KEYS = ("image", "file_name", "image_path", "path", "filepath")
 TEXT_KEYS = ("text", "caption", "captions")

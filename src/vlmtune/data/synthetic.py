@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..atomic import build_dir
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),
@@ -135,10 +137,8 @@ def write_football_dataset(out: str | Path, splits: dict[str, tuple[int, int]] =
     """Write the demo dataset as a `datasets` DatasetDict (save_to_disk) with columns `image` and `text`.
 
     The same layout as `ybelkada/football-dataset` once downloaded, so the demo exercises the real loading path.
-    Written to a temporary directory and renamed, so an interrupted run never leaves half a dataset behind.
+    Built beside `out` and swapped in, so an interrupted run never leaves half a dataset behind.
     """
-    import shutil
-
     from datasets import Dataset, DatasetDict, Features, Value
     from datasets import Image as ImageFeature
 
@@ -150,9 +150,4 @@ def write_football_dataset(out: str | Path, splits: dict[str, tuple[int, int]] =
         parts[name] = Dataset.from_dict(
             {"image": [r.image for r in rows], "text": [r.text for r in rows]}, features=features
         )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict(parts).save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return build_dir(out, lambda tmp: DatasetDict(parts).save_to_disk(str(tmp)))

@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .families import Family
+from ..atomic import remove_abandoned, temporary, write_file
+from ..families import Family
 
 # Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
 # HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
@@ -128,7 +129,7 @@ def kept_features(
     path = Path(keep_dir) / f"{key}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        _remove_abandoned(path.parent)
+        remove_abandoned(path.parent)
     found = _readable(path, len(examples))
     if accelerator.num_processes > 1:  # all read, or all compute together: the pass exchanges shares
         flag = torch.tensor([int(found)], device=accelerator.device)
@@ -225,44 +226,8 @@ def _processes_here(accelerator: Any) -> int:
 def _save(features: torch.Tensor | DiskFeatures, path: Path, dtype: torch.dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = features.cpu().view(_AS_STORED[dtype]) if torch.is_tensor(features) else features
-    _save_array(stored.array if isinstance(stored, DiskFeatures) else stored.numpy(), path)
-
-
-def _save_array(array: np.ndarray, path: Path) -> None:
-    """`array` to `path` by way of a temporary name: a run killed mid-write leaves no file to misread."""
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _temporary(path: Path) -> Path:
-    """Where `path` is written before it is complete: named by the machine and process writing it, so that
-    `_remove_abandoned` can tell a write in progress from one whose process died."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _remove_abandoned(directory: Path) -> None:
-    """Temporary files in `directory` whose writer on this machine is gone (a run killed while keeping its
-    features): nothing would ever read or finish them."""
-    host = socket.gethostname()
-    for tmp in directory.glob("*.tmp"):
-        stem, pid, _ = ("", "", "", *tmp.name.rsplit(".", 2))[-3:]
-        if stem.endswith(f".{host}") and pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    array = stored.array if isinstance(stored, DiskFeatures) else stored.numpy()
+    write_file(path, lambda f: np.save(f, array))
 
 
 @torch.no_grad()
@@ -332,7 +297,7 @@ def build_feature_cache(
             store.exchange(bounds, accelerator)
         if keep_as is not None:
             if offsets is not None and accelerator.is_main_process:  # before the rows: they mark it complete
-                _save_array(offsets.numpy(), _offsets_file(keep_as))
+                write_file(_offsets_file(keep_as), lambda f: np.save(f, offsets.numpy()))
             store.keep(keep_as, accelerator)
     except BaseException:
         if store is not None:
@@ -403,11 +368,11 @@ class _Store:
         self.shared = here == accelerator.num_processes
         if not self.shared:  # several machines: a file of its own for each process, exchanged like memory
             rank = accelerator.process_index
-            path = _temporary(keep_as) if spill is None else spill.with_name(f"{spill.name}.{rank}.npy")
+            path = temporary(keep_as) if spill is None else spill.with_name(f"{spill.name}.{rank}.npy")
             features = DiskFeatures(path, shape, self.dtype)
             path.unlink()
             return features
-        path = [_temporary(keep_as) if keep_as is not None else spill.with_name(f"{spill.name}.npy")]
+        path = [temporary(keep_as) if keep_as is not None else spill.with_name(f"{spill.name}.npy")]
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -475,3 +440,14 @@ class _Store:
         """A failed pass: its temporary file goes (a spill file is already out of its directory)."""
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
+
+
+def with_features(
+    batch: dict[str, Any], features: Any, upto: str | None, family: Family, model: Any, device: torch.device
+) -> dict[str, Any]:
+    """`batch` with its images' cached features in place of pixels: (B,) row indices -> forward() arguments."""
+    index = batch.pop("image_index").to(features.device)
+    got = features[index]  # (B, *shape), or a list of (n_i, *rest) for features of varying length
+    got = [g.to(device) for g in got] if isinstance(got, list) else got.to(device, non_blocking=True)
+    batch.update(family.cached_inputs(got, model, upto, batch))
+    return batch

@@ -14,6 +14,16 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_into
+from ..config import TrainConfig
+from ..families import Family
+from ..modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
+from ..rundir import (
+    METRICS_FILE,
+    SAMPLES_FILE,
+    JsonlLog,
+    write_run_config,
+)
 from .checkpoint import (
     CHECKPOINTS,
     LoopState,
@@ -21,18 +31,9 @@ from .checkpoint import (
     resolve_resume,
     truncate_logs,
 )
-from .config import TrainConfig, validate_against_model, validate_train
-from .families import Family
 from .loop import Session
-from .modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
 from .pipeline import batches, load_data, process
-from .rundir import (
-    METRICS_FILE,
-    SAMPLES_FILE,
-    JsonlLog,
-    save_atomically,
-    write_run_config,
-)
+from .preflight import validate_against_model, validate_train
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig) -> Path:
             adapter.save_pretrained(tmp)
             processor.save_pretrained(tmp)
 
-        save_atomically(run, write)
+        write_into(run, write)
     # Every process returns once the adapter is written, and they take the process group down together.
     accelerator.wait_for_everyone()
     # The DDP wrapper goes before the process group. Its reducer holds the group too, and had it dropped the

@@ -7,8 +7,8 @@
       state.json              step, epoch, batches consumed in that epoch, samples seen, the loss window;
                               written last, so a directory without it is incomplete and ignored
 
-A checkpoint is written into `.step-XXXXXXXX.tmp` and renamed into place: a crash mid-write leaves the
-previous checkpoints untouched and loadable. The newest `keep` are kept.
+A checkpoint is written under a temporary name beside its place and renamed there (`atomic.build_dir`): a
+crash mid-write leaves the previous checkpoints untouched and loadable. The newest `keep` are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import build_dir, remove_abandoned
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -95,20 +97,21 @@ def save_checkpoint(
     generators, and the losses since the last log line under "window" (default: this process's generators)."""
     root = checkpoint_dir(run)
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(root)
     final = root / f"step-{state.step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    for rank, rng in enumerate(rngs or [rng_state()]):  # rng.pt, then rng.1.pt, ... for other processes
-        torch.save(rng, tmp / ("rng.pt" if rank == 0 else f"rng.{rank}.pt"))
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the checkpoint complete
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file(_trainable(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        for rank, rng in enumerate(rngs or [rng_state()]):  # rng.pt, then rng.1.pt, ... for other processes
+            torch.save(rng, tmp / ("rng.pt" if rank == 0 else f"rng.{rank}.pt"))
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the checkpoint complete
+
+    build_dir(final, write)  # a checkpoint of the same step (a resumed run's) is replaced with no gap
     for old in complete_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -147,7 +150,8 @@ def load_checkpoint(
 
 def truncate_logs(run: Path, step: int) -> None:
     """Drop log lines past `step` (written after the checkpoint a run resumes from), so none repeats."""
-    from .rundir import METRICS_FILE, SAMPLES_FILE, atomic_write_text
+    from ..atomic import write_text
+    from ..rundir import METRICS_FILE, SAMPLES_FILE
 
     for name in (METRICS_FILE, SAMPLES_FILE):
         path = run / name
@@ -155,4 +159,4 @@ def truncate_logs(run: Path, step: int) -> None:
             keep = [
                 line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
             ]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
+            write_text(path, "".join(line + "\n" for line in keep))

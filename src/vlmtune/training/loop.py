@@ -14,24 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..atomic import write_into
+from ..config import TrainConfig
+from ..errors import DataError, TrainingStopped
+from ..families import Family, to_model
+from ..rundir import (
+    CONFIG_FILE,
+    JsonlLog,
+)
+from .cache import with_features
 from .checkpoint import (
     LoopState,
     complete_checkpoints,
     rng_state,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .errors import DataError, TrainingStopped
-from .families import IGNORE_INDEX, Family, to_model
+from .evaluation import caption_metrics, evaluate_loss
 from .pipeline import Batches
-from .rundir import (
-    CONFIG_FILE,
-    JsonlLog,
-    save_atomically,
-)
 
 
 class StopOnSignal:
@@ -276,7 +277,11 @@ class Session:
             )
         record: dict[str, float] = {"val_loss": loss}
         if self.cfg.eval_metrics:
-            record.update(self.caption_metrics(data.val_examples))
+            record.update(
+                caption_metrics(
+                    self.accelerator, inner, self.generate, data.val_examples, self.cfg.batch_size
+                )
+            )
         self.metrics.write(step=state.step, epoch=state.epoch, **record)
         self.accelerator.log({f"val/{k}": v for k, v in record.items()}, step=state.step)
         bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
@@ -285,33 +290,6 @@ class Session:
             state.best = value
             self.save_best(state, record)
         self.train_mode()
-
-    @torch.no_grad()
-    def caption_metrics(self, examples: Any) -> dict[str, float]:
-        """Caption metrics of the validation examples: each process captions every n-th one, the main process
-        scores them all, and every process gets the scores (they must agree on which adapter is best)."""
-        from accelerate.utils import broadcast_object_list, gather_object
-
-        from .metrics import caption_scores
-
-        accelerator, size = self.accelerator, self.cfg.batch_size
-        inner = accelerator.unwrap_model(self.model)
-        inner.eval()
-        mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-        got: list[tuple[int, str]] = []
-        for start in range(0, len(mine), size):
-            chunk = mine[start : start + size]
-            got += zip(chunk, self.generate(inner, [examples[i] for i in chunk]), strict=True)
-        if accelerator.num_processes > 1:
-            got = gather_object(got)
-        scores = [None]
-        if accelerator.is_main_process:
-            captions = dict(got)
-            refs = {str(i): [examples[i]["target"]] for i in range(len(examples))}
-            scores = [caption_scores({str(i): captions[i] for i in range(len(examples))}, refs)["scores"]]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(scores)
-        return scores[0]
 
     def save_best(self, state: LoopState, record: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -331,7 +309,7 @@ class Session:
                 )
             )
 
-        save_atomically(best, write)
+        write_into(best, write)
 
     def generate(self, inner: Any, examples: list[dict[str, Any]]) -> list[str]:
         batch = self.family.generation_inputs(
@@ -355,42 +333,3 @@ class Session:
             bar.write(f"step {step} sample: {g!r}  (reference: {x['target']!r})")
             self.sample_log.write(step=step, caption=g, reference=x["target"])
         self.train_mode()
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Any,
-    family: Family,
-    loader: DataLoader,
-    dtype: torch.dtype,
-    accelerator: Any,
-    features: Any = None,
-    upto: str | None = None,
-) -> float:
-    """Mean loss over `loader` (this process's share), weighted by each batch's number of target tokens and
-    summed over every process; with `features`, the loader's batches carry image indices into them. Leaves
-    `model` in eval mode."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x tokens, tokens)
-    for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        if features is not None:
-            with_features(batch, features, upto, family, model, accelerator.device)
-        else:
-            batch = to_model(batch, accelerator.device, dtype)
-        n = (batch["labels"] != IGNORE_INDEX).sum()  # each target token is scored once, in every family
-        total += torch.stack([model(**family.loss_inputs(batch)).loss.double() * n, n.double()])
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, "sum")
-    return float(total[0] / total[1].clamp(min=1))
-
-
-def with_features(
-    batch: dict[str, Any], features: Any, upto: str | None, family: Family, model: Any, device: torch.device
-) -> dict[str, Any]:
-    """`batch` with its images' cached features in place of pixels: (B,) row indices -> forward() arguments."""
-    index = batch.pop("image_index").to(features.device)
-    got = features[index]  # (B, *shape), or a list of (n_i, *rest) for features of varying length
-    got = [g.to(device) for g in got] if isinstance(got, list) else got.to(device, non_blocking=True)
-    batch.update(family.cached_inputs(got, model, upto, batch))
-    return batch

@@ -14,8 +14,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import DataCheckConfig
-from .data import DataError, as_image, file_of, iter_column, load_dict, pick_split, targets_of
+from ..config import DataCheckConfig
+from ..errors import DataError
+from .examples import target_problem, targets_of
+from .images import as_image, file_of
+from .sources import iter_column, load_dict, pick_split
 
 
 @dataclass
@@ -68,10 +71,9 @@ def find_bad_records(
     for i, value in enumerate(texts):
         if (i, text_column) in found:
             continue
-        for t in targets_of(value):
-            if not isinstance(t, str) or not t.strip():
-                bad.append(BadRecord(i, text_column, f"expected a non-empty caption, got {t!r}"))
-                break
+        problem = next(filter(None, map(target_problem, targets_of(value))), None)
+        if problem is not None:
+            bad.append(BadRecord(i, text_column, problem))
     for column in ("id", "image_id"):
         if hasattr(dataset, "column_names") and column in dataset.column_names:
             ids = dataset[column]
@@ -103,13 +105,13 @@ def _stats(values: list[float]) -> str:
 
 def check(cfg: DataCheckConfig) -> dict[str, Any]:
     """`vlmtune data check`: load every record as training would; print a summary and every bad record."""
-    from .data import detect
-    from .modeling import load_processor, resolve_model
+    from ..modeling import load_processor, resolve_model
+    from .sources import detect
 
     kind, _ = detect(cfg.data)
     loaded = load_dict(cfg.data, cfg.image_root)
-    from .families import family_for
-    from .modeling import load_config
+    from ..families import family_for
+    from ..modeling import load_config
 
     processor = load_processor(resolve_model(cfg.model))
     family = family_for(load_config(cfg.model))

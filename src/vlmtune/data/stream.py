@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Prompting, as_image, file_of, load_dict, pick_split, targets_of
+from ..errors import DataError
+from .examples import Prompting, checked_target, targets_of
+from .images import as_image, file_of
+from .sources import load_dict, pick_split
 
 
 def load_stream(source: str, split: str, columns: tuple[str, ...], image_root: str | None = None) -> Any:
@@ -98,8 +101,7 @@ class StreamExamples(torch.utils.data.IterableDataset):
 
     def _example(self, r: int, row: dict[str, Any], text: Any, report: bool = True) -> dict[str, Any] | None:
         try:
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"column {self.text_column!r}: expected a non-empty caption, got {text!r}")
+            checked_target(text, f"column {self.text_column!r}")
             image = as_image(row[self.image_column], f"column {self.image_column!r}")
         except DataError as e:
             if self.on_bad is not None and report:

@@ -12,23 +12,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .cache import kept_features, wants_cache
-from .config import TrainConfig
-from .data import (
-    CaptionExamples,
-    Collator,
-    Prompting,
-    detect,
-    held_out_rows,
-    load_splits,
-)
-from .datacheck import bad_as_dicts, bad_report, find_bad_records
-from .errors import DataError
-from .families import Family
-from .rundir import (
+from ..atomic import write_text
+from ..config import TrainConfig
+from ..data.batching import Collator
+from ..data.checks import bad_as_dicts, bad_report, find_bad_records
+from ..data.examples import CaptionExamples, Prompting
+from ..data.sources import detect, held_out_rows, load_splits
+from ..errors import DataError
+from ..families import Family
+from ..rundir import (
     JsonlLog,
-    atomic_write_text,
 )
+from .cache import kept_features, wants_cache
 
 
 @dataclass
@@ -65,7 +60,7 @@ def batches(
     prompt = family.caption_prompt if cfg.prompt is None else cfg.prompt
     prompting = Prompting(prompt, cfg.question_column, family.question_template)
     if cfg.streaming:
-        from .stream import BadRecordLog, StreamExamples
+        from ..data.stream import BadRecordLog, StreamExamples
 
         examples = StreamExamples(
             train_set,
@@ -180,7 +175,7 @@ def load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
     if cfg.streaming:
         import datasets
 
-        from .stream import load_stream
+        from ..data.stream import load_stream
 
         train_set, val_set = load_stream(cfg.data, cfg.split, columns, cfg.image_root), None
         if cfg.val_split:
@@ -196,7 +191,7 @@ def load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
             split_doc["val_rows_of_split"] = held_out_rows(
                 len(train_set) + len(val_set), cfg.val_fraction, cfg.seed
             )
-    atomic_write_text(run / "split.json", json.dumps(split_doc) + "\n")
+    write_text(run / "split.json", json.dumps(split_doc) + "\n")
     # Every record is checked now, so a bad one stops nothing halfway through an epoch (a stream's records
     # are checked as they come).
     if not cfg.streaming:

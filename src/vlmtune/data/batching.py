@@ -1,0 +1,85 @@
+"""Examples to batches: the collator (through the family, so each family encodes its own way) and the seeded
+epoch order that a resumed run repeats exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Collator:
+    """Examples -> model inputs with labels, via the family (so every family masks its own way)."""
+
+    family: Any
+    processor: Any
+    max_length: int
+    cached: bool = False  # images come from a feature cache: send their indices, not pixels
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts, targets = [e["prompt"] for e in examples], [e["target"] for e in examples]
+        if self.cached:
+            batch = self.family.encode_text(
+                self.processor, prompts, targets, max_length=self.max_length, padding_side="right"
+            )
+            batch["image_index"] = torch.tensor([e["index"] for e in examples])
+            return batch
+        images = [e["image"] for e in examples]
+        return self.family.encode(
+            self.processor, images, prompts, targets, max_length=self.max_length, padding_side="right"
+        )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Example indices for one epoch, drawn from (seed, epoch) alone, so a resumed run sees the same batches;
+    `position` also skips what an interrupted epoch already consumed.
+
+    groups: example indices per image; given, each epoch takes one example of each image, drawn at random
+        (one caption per image per epoch instead of every pair).
+    lengths: given, the shuffled order is cut into spans of 50 batches and each span sorted longest first,
+        so a batch holds examples of similar length (less padding) while the epoch stays random; the longest
+        batches come early, so running out of memory happens at once if at all.
+    """
+
+    SPAN = 50  # batches per sorted span
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        *,
+        groups: list[list[int]] | None = None,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+    ):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.groups, self.lengths, self.batch_size = groups, lengths, batch_size
+
+    def position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.groups is None:
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            draw = torch.rand(len(self.groups), generator=g).tolist()
+            picks = [grp[int(r * len(grp))] for grp, r in zip(self.groups, draw, strict=True)]
+            order = [picks[i] for i in torch.randperm(len(picks), generator=g).tolist()]
+        if self.lengths is not None:
+            span, lengths = self.SPAN * self.batch_size, self.lengths
+            order = [
+                i
+                for k in range(0, len(order), span)
+                for i in sorted(order[k : k + span], key=lambda i: -lengths[i])
+            ]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return (self.n if self.groups is None else len(self.groups)) - self.start
