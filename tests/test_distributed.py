@@ -146,25 +146,44 @@ def test_a_stopped_multi_process_run_resumes_bitwise(football, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-@pytest.mark.parametrize(
-    "where",
-    ["shared", "kept", "apart", "apart-disk", "kept-apart", "bf16-apart", "ragged", "ragged-kept-apart"],
-)
-def test_processes_share_the_feature_cache_pass(football, tmp_path, where):
+CACHE_CASES = [
+    "shared",
+    "kept",
+    "apart",
+    "apart-disk",
+    "kept-apart",
+    "bf16-apart",
+    "ragged",
+    "ragged-kept-apart",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_passes(football, tmp_path_factory):
+    """Every case of the shared cache pass, computed by one process alone and by two together (one launch
+    each: the worker runs the cases in turn)."""
+    worker = [str(Path(__file__).parent / "cache_worker.py"), football]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    alone, shared = tmp_path_factory.mktemp("alone"), tmp_path_factory.mktemp("shared")
+    cases = ",".join(CACHE_CASES)
+    done = subprocess.run(
+        [sys.executable, *worker, str(alone), cases], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*launch, *worker, str(shared), cases], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return alone, shared
+
+
+@pytest.mark.parametrize("where", CACHE_CASES)
+def test_processes_share_the_feature_cache_pass(cache_passes, where):
     """Each of two processes runs half the images through the vision side, and both end with the whole
     cache, equal to what one process computes alone. On one machine: in one file both processes map, which
     leaves no file behind; kept for later runs, which both then read. As if on two machines: in memory, or too
     big for it in a file of each process's own, with the shares exchanged, kept, and in bfloat16, which
     travels as bytes. Features of a varying length per image (`ragged`) take the same ways."""
-    worker = [str(Path(__file__).parent / "cache_worker.py"), football]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
-    alone.mkdir(), shared.mkdir()
-    subprocess.run([sys.executable, *worker, str(alone), where], check=True, env=env, capture_output=True)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run([*launch, *worker, str(shared), where], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    alone, shared = (d / where for d in cache_passes)
     reference = torch.load(alone / "rank0.pt", weights_only=False)
     ranks = [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert reference["images"] == 240 and [r["images"] for r in ranks] == [120, 120]
