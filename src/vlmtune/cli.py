@@ -17,6 +17,7 @@ from typing import Any, Literal
 from .config import (
     AskConfig,
     CaptionConfig,
+    ChatConfig,
     ConfigError,
     DataCheckConfig,
     DemoConfig,
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "train": (TrainConfig, "vlmtune.training.run:train"),
     "caption": (CaptionConfig, "vlmtune.infer:caption"),
     "ask": (AskConfig, "vlmtune.infer:ask"),
+    "chat": (ChatConfig, "vlmtune.infer:chat"),
     "merge": (MergeConfig, "vlmtune.export:merge"),
     "evaluate": (EvaluateConfig, "vlmtune.evaluate:evaluate"),
     "data": (DataCheckConfig, "vlmtune.data.checks:check"),

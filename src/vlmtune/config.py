@@ -49,6 +49,13 @@ class TrainConfig:
     val_fraction: float = opt(0.0, "fraction of the train split held out for validation when no --val-split")
     image_column: str = opt("image", "column holding the image")
     text_column: str = opt("text", "column holding the caption (the target)")
+    messages_column: str = opt(
+        "messages", "conversation data: column holding each record's messages (any layout: see README)"
+    )
+    images_column: str = opt("images", "conversation data: column holding each record's images")
+    train_on_last_turn_only: bool = opt(
+        False, "conversations: train each conversation's last reply only (default: every assistant turn)"
+    )
     prompt: str | None = opt(
         None, "text before every caption, masked out of the loss (e.g. 'a photo of'; default: the family's)"
     )
@@ -167,8 +174,25 @@ class AskConfig:
         None,
         "prompt template, {question} is replaced (default: the family's, e.g. 'Question: {question} Answer:')",
     )
+    history: str | None = opt(
+        None,
+        "a JSON file of the conversation so far (a list of messages, in any conversation layout): the "
+        "question continues it",
+    )
     max_new_tokens: int = opt(20, "longest answer in tokens")
     num_beams: int = opt(1, "beam search width (1: greedy)")
+    dtype: Dtype = opt("auto", "weights dtype")
+
+
+@dataclass
+class ChatConfig:
+    """Talk about an image in the terminal: the history is kept; /new restarts, /image PATH switches."""
+
+    image: str = opt("", "image file", positional=True)
+    run: str | None = opt(None, "run directory from `vlmtune train`")
+    model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
+    system: str = opt("", "a system turn to start each conversation with")
+    max_new_tokens: int = opt(40, "longest reply in tokens")
     dtype: Dtype = opt("auto", "weights dtype")
 
 
@@ -213,12 +237,14 @@ class DataCheckConfig:
     action: Literal["check"] = opt("check", "what to do", positional=True)
     data: str = opt(
         "",
-        "dataset: hub id, datasets dir, parquet/arrow, imagefolder, COCO json, .jsonl/.csv",
+        "dataset: hub id, datasets dir, parquet/arrow, imagefolder, COCO json, .jsonl/.csv, conversations",
         positional=True,
     )
     split: str | None = opt(None, "only this split (default: every split)")
     image_column: str = opt("image", "column holding the image")
     text_column: str = opt("text", "column holding the caption(s)")
+    messages_column: str = opt("messages", "conversation data: column holding each record's messages")
+    images_column: str = opt("images", "conversation data: column holding each record's images")
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(64, "token budget per caption: longer ones are counted as cut")
     model: str = opt("tiny", "whose tokenizer counts caption tokens (hub id, directory or 'tiny')")

@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import AskConfig, CaptionConfig
+from .config import AskConfig, CaptionConfig, ChatConfig
+from .data.conversations import parse
+from .data.examples import Prompting
 from .data.images import expand_images, open_image
+from .errors import DataError
 from .families import Family
 from .modeling import default_device, load_for_inference, pick_dtype
 
@@ -44,9 +47,16 @@ class Captioner:
         return cls.load(model=model, dtype=dtype)
 
     def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], *, batch_size: int = 8, **kwargs: Any
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        *,
+        batch_size: int = 8,
+        history: Sequence[Sequence[tuple[str, str]]] | None = None,
+        **kwargs: Any,
     ) -> list[str]:
-        """One continuation per (image, prompt), `batch_size` at a time; keyword arguments go to `generate`."""
+        """One continuation per (image, prompt) (after its `history` of rendered exchanges, if given),
+        `batch_size` at a time; keyword arguments go to `generate`."""
         kwargs.setdefault("max_new_tokens", 40)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
@@ -56,6 +66,7 @@ class Captioner:
                 prompts[i : i + batch_size],
                 self.device,
                 self.dtype,
+                history=None if history is None else history[i : i + batch_size],
             )
             out += self.family.generate(self.model, self.processor, batch, **kwargs)
         return out
@@ -76,6 +87,16 @@ class Captioner:
 
     def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
         return self.generate([image], [self.family.format_question(question, template)], **kwargs)[0]
+
+    def prompting(self, template: str | None = None) -> Prompting:
+        return Prompting(self.prompt, None, template or self.family.question_template)
+
+    def reply(self, image: Image.Image, messages: Any, template: str | None = None, **kwargs: Any) -> str:
+        """The next assistant turn of a conversation about `image`: `messages` in any conversation layout
+        (system and earlier turns included, `image` marked `<image>` or not at all), ending with a user turn;
+        rendered as training renders them."""
+        d = self.prompting(template).reply_to(parse(messages, [image], training=False))
+        return self.generate([image], [d.prompt], history=[d.history], **kwargs)[0]
 
 
 def trained_prompt(info: dict[str, Any], family: Family) -> str:
@@ -129,9 +150,69 @@ def ask(cfg: AskConfig) -> str:
     image = open_image(cfg.image)
     if not cfg.question.strip():
         raise ValueError("the question is empty")
+    history = _history(cfg.history) if cfg.history else None  # a bad file fails before the model loads
     captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
-    answer = captioner.ask(
-        image, cfg.question, cfg.template, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams
-    )
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+    if history is None:
+        answer = captioner.ask(image, cfg.question, cfg.template, **kwargs)
+    else:
+        messages = [*history, {"role": "user", "content": cfg.question}]
+        answer = captioner.reply(image, messages, cfg.template, **kwargs)
     print(answer)
     return answer
+
+
+def _history(path: str) -> list[Any]:
+    """A conversation so far from a JSON file: a list of messages, or a record holding `messages` or
+    `conversations` (LLaVA's); checked now, so a bad file fails before the model loads."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"--history {path}: cannot read it as JSON ({e})") from None
+    if isinstance(doc, dict):
+        doc = doc.get("messages", doc.get("conversations"))
+    if not isinstance(doc, list):
+        raise DataError(f"--history {path}: expected a list of messages (role + content)")
+    try:
+        parse(doc + [{"role": "user", "content": "?"}], [path], training=False)  # the image comes apart
+    except DataError as e:
+        raise DataError(f"--history {path}: {e}") from None
+    return doc
+
+
+def chat(cfg: ChatConfig) -> list[dict[str, str]]:
+    """A conversation in the terminal: each line you type is a user turn, answered with the whole history.
+    `/new` starts over, `/image PATH` switches image (and starts over), `/quit` (or end of input) stops.
+    Returns the last conversation's messages."""
+    image = open_image(cfg.image)
+    captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(start)
+    print("chat about the image: /new restarts, /image PATH switches, /quit stops", flush=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/new":
+            messages = list(start)
+            print("(new conversation)", flush=True)
+            continue
+        if line.startswith("/image"):
+            try:
+                image = open_image(line[len("/image") :].strip())
+            except DataError as e:
+                print(f"error: {e}", flush=True)
+                continue
+            messages = list(start)
+            print("(new image, new conversation)", flush=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = captioner.reply(image, messages, max_new_tokens=cfg.max_new_tokens)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
+    return messages

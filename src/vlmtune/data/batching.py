@@ -18,19 +18,22 @@ class Collator:
     processor: Any
     max_length: int
     cached: bool = False  # images come from a feature cache: send their indices, not pixels
+    train_history: bool = True  # a dialogue's earlier replies train too (not with --train-on-last-turn-only)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts, targets = [e["prompt"] for e in examples], [e["target"] for e in examples]
+        text = dict(
+            max_length=self.max_length,
+            padding_side="right",
+            history=[e.get("history", ()) for e in examples],
+            train_history=self.train_history,
+        )
         if self.cached:
-            batch = self.family.encode_text(
-                self.processor, prompts, targets, max_length=self.max_length, padding_side="right"
-            )
+            batch = self.family.encode_text(self.processor, prompts, targets, **text)
             batch["image_index"] = torch.tensor([e["index"] for e in examples])
             return batch
         images = [e["image"] for e in examples]
-        return self.family.encode(
-            self.processor, images, prompts, targets, max_length=self.max_length, padding_side="right"
-        )
+        return self.family.encode(self.processor, images, prompts, targets, **text)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -7,8 +7,10 @@ one (row, field, file, why), or with --skip-bad trains on the rest and lists the
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,9 +18,10 @@ from tqdm.auto import tqdm
 
 from ..config import DataCheckConfig
 from ..errors import DataError
-from .examples import target_problem, targets_of
+from .conversations import Conversation, parse
+from .examples import Prompting, target_problem, targets_of
 from .images import as_image, file_of
-from .sources import iter_column, load_dict, pick_split
+from .sources import is_conversation, iter_column, load_dict, pick_split, required_columns
 
 
 @dataclass
@@ -50,15 +53,9 @@ def find_bad_records(
     bar = tqdm(total=len(dataset), desc="checking records", unit="record", disable=not progress)
     for i, value in enumerate(iter_column(raw_images(dataset, image_column), image_column)):
         bar.update(1)
-        try:
-            image = as_image(value, f"row {i}")
-            if sizes is not None:
-                sizes.append((image.width, image.height, image.info.get("source_mode", image.mode)))
-        except DataError as e:
-            why, file = str(e), file_of(value)
-            if file and why.startswith(f"image {file} "):
-                why = why[len(f"image {file} ") :]
-            bad.append(BadRecord(i, image_column, why, file))
+        problem = _image_problem(value, i, image_column, sizes)
+        if problem is not None:
+            bad.append(problem)
     bar.close()
     # What the loader itself found wrong while reading (a caption of the wrong type, say), by row and field.
     found: dict[tuple[int, str], str] = {}
@@ -85,6 +82,101 @@ def find_bad_records(
     return sorted(bad, key=lambda b: (b.row, b.field))
 
 
+def find_bad_conversations(
+    dataset: Any,
+    messages_column: str,
+    images_column: str,
+    *,
+    images_per_conversation: int = 1,
+    too_long: Callable[[Conversation], str | None] | None = None,
+    progress: bool = True,
+    sizes: list | None = None,
+    good: list | None = None,
+) -> list[BadRecord]:
+    """Every bad record of a conversation split, all at once: messages that do not parse (unknown roles, turns
+    that do not alternate, an empty reply, image markers that do not match the images), a count of images the
+    family does not read, an image that does not decode, and (`too_long`) a conversation that --max-length
+    would cut. `sizes` collects (w, h, mode), `good` the conversations that pass."""
+    bad: list[BadRecord] = []
+    has_images = images_column in (dataset.column_names or [])
+    messages = iter_column(dataset, messages_column)
+    images = iter_column(raw_images(dataset, images_column), images_column) if has_images else None
+    for i, value in enumerate(
+        tqdm(messages, total=len(dataset), desc="checking conversations", disable=not progress)
+    ):
+        try:
+            conversation = parse(value, next(images) if images is not None else None)
+        except DataError as e:
+            bad.append(BadRecord(i, messages_column, str(e)))
+            continue
+        n = len(conversation.images)
+        if n != images_per_conversation:
+            bad.append(
+                BadRecord(
+                    i,
+                    images_column,
+                    f"{n} image(s); this model reads {images_per_conversation} per conversation",
+                )
+            )
+            continue
+        broken = _image_problem(conversation.images[0], i, images_column, sizes)
+        if broken is not None:
+            bad.append(broken)
+            continue
+        problem = too_long(conversation) if too_long is not None else None
+        if problem is not None:
+            bad.append(BadRecord(i, messages_column, problem))
+        elif good is not None:
+            good.append(conversation)
+    return bad
+
+
+def bad_conversations(dataset: Any, cfg: Any, family: Any, processor: Any, **kwargs: Any) -> list[BadRecord]:
+    """`find_bad_conversations` under a family's rules: the images it reads, its token count of each example
+    against `cfg.max_length`."""
+    return find_bad_conversations(
+        dataset,
+        cfg.messages_column,
+        cfg.images_column,
+        images_per_conversation=family.images_per_example,
+        too_long=too_long_for(cfg, family, processor),
+        **kwargs,
+    )
+
+
+def too_long_for(cfg: Any, family: Any, processor: Any) -> Callable[[Conversation], str | None]:
+    """The length rule for conversations: an example over --max-length is refused, never cut (a cut would
+    drop the reply's end, or the image tokens of a long dialogue)."""
+    prompting = Prompting.of(cfg, family)
+    per_turn = not family.trains_history and not getattr(cfg, "train_on_last_turn_only", False)
+
+    def too_long(conversation: Conversation) -> str | None:
+        for d in prompting.dialogues(conversation, per_turn=per_turn):
+            n = family.text_tokens(processor, d.prompt, d.target, d.history)
+            if n > cfg.max_length:
+                return (
+                    f"{n} text tokens, over --max-length {cfg.max_length}: it would be cut; shorten the "
+                    "conversation or raise --max-length"
+                )
+        return None
+
+    return too_long
+
+
+def _image_problem(cell: Any, i: int, field: str, sizes: list | None) -> BadRecord | None:
+    """The record's image decoded as training decodes it: None, or what is wrong (without the file name the
+    error starts with: the record names the file apart). `sizes` collects (w, h, mode)."""
+    try:
+        image = as_image(cell, f"row {i}")
+    except DataError as e:
+        why, file = str(e), file_of(cell)
+        why = why[len(f"image {file} ") :] if file and why.startswith(f"image {file} ") else why
+        return BadRecord(i, field, why, file)
+    if sizes is not None:
+        sizes.append((image.width, image.height, image.info.get("source_mode", image.mode)))
+    return None
+
+
 def bad_report(source: str, split: str, bad: list[BadRecord]) -> str:
     lines = [f"{len(bad)} bad record(s) in {source} (split {split!r}):"] + [f"  - {b}" for b in bad]
     lines.append(
@@ -95,6 +187,44 @@ def bad_report(source: str, split: str, bad: list[BadRecord]) -> str:
 
 def bad_as_dicts(bad: list[BadRecord]) -> list[dict]:
     return [asdict(b) for b in bad]
+
+
+def _check_conversations(
+    cfg: DataCheckConfig, ds: Any, name: str, family: Any, processor: Any
+) -> dict[str, Any]:
+    """`data check` of a conversation split: its layout, turns, tokens as training counts them, images, and
+    every bad record."""
+    from .formats import layout_of
+
+    sizes: list = []
+    good: list = []
+    bad = bad_conversations(ds, cfg, family, processor, sizes=sizes, good=good)
+    prompting = Prompting.of(cfg, family)
+    per_turn = not family.trains_history
+    lengths = [
+        family.text_tokens(processor, d.prompt, d.target, d.history)
+        for c in good
+        for d in prompting.dialogues(c, per_turn=per_turn)
+    ]
+    first = ds[0][cfg.messages_column] if len(ds) else []
+    layout = layout_of({"messages": json.loads(first) if isinstance(first, str) else first})
+    s = {
+        "layout": layout,
+        "records": len(ds),
+        "conversations": len(good),
+        "replies_per_conversation": _stats([len(c.exchanges()) for c in good]),
+        "tokens": _stats(lengths),
+        "width": _stats([w for w, _, _ in sizes]),
+        "height": _stats([h for _, h, _ in sizes]),
+        "modes": dict(Counter(m for _, _, m in sizes)),
+        "bad": bad_as_dicts(bad),
+    }
+    print(f"\nsplit {name!r}: {s['records']} conversations ({layout})")
+    for key in ("replies_per_conversation", "tokens", "width", "height"):
+        print(f"  {key.replace('_', ' ')}: {s[key]}")
+    print(f"  image modes: {s['modes']}")
+    print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
+    return s
 
 
 def _stats(values: list[float]) -> str:
@@ -118,7 +248,10 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
     print(f"{cfg.data}: detected {kind}; splits: {', '.join(f'{k} ({len(v)})' for k, v in loaded.items())}")
     summary: dict[str, Any] = {"format": kind, "splits": {}}
     for name in [cfg.split] if cfg.split else list(loaded):
-        ds = pick_split(loaded, cfg.data, name, (cfg.image_column, cfg.text_column))
+        ds = pick_split(loaded, cfg.data, name, required_columns(cfg))
+        if is_conversation(ds.column_names, cfg):
+            summary["splits"][name] = _check_conversations(cfg, ds, name, family, processor)
+            continue
         sizes: list = []
         bad = find_bad_records(ds, cfg.image_column, cfg.text_column, sizes=sizes)
         captions = [t for v in ds[cfg.text_column] for t in targets_of(v) if isinstance(t, str) and t.strip()]

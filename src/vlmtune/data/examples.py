@@ -1,4 +1,6 @@
-"""(image, prompt, target) examples from a split: one per caption or answer, images decoded lazily."""
+"""Examples from a split, images decoded lazily: (image, prompt, target) for captions and answers, one per
+target; and the same with the earlier exchanges of a conversation as `history` ((prompt, reply) pairs,
+rendered through the family's template), so a caption is a conversation of one exchange."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 from ..errors import DataError
 from .batching import EpochSampler
+from .conversations import Conversation, parse
 from .images import as_image
 from .sources import column_values
 
@@ -39,10 +42,55 @@ class Prompting:
     question_column: str | None = None
     template: str = "Question: {question} Answer:"
 
+    @classmethod
+    def of(cls, cfg: Any, family: Any) -> Prompting:
+        """How a config's prompts are made: the family's caption prompt (or --prompt) and question template."""
+        prompt = getattr(cfg, "prompt", None)
+        prompt = family.caption_prompt if prompt is None else prompt
+        return cls(prompt, getattr(cfg, "question_column", None), family.question_template)
+
     def __call__(self, row: dict[str, Any]) -> str:
         if self.question_column is None:
             return self.prompt
-        return self.template.format(question=str(row[self.question_column]).strip())
+        return self.render(str(row[self.question_column]))
+
+    def render(self, user: str, system: str = "") -> str:
+        """A user turn as the model reads it: a question through the template, no text as the caption
+        prompt; a system turn goes before it."""
+        user = user.strip()
+        prompt = self.template.format(question=user) if user else self.prompt
+        return f"{system.strip()} {prompt}".strip() if system.strip() else prompt
+
+    def dialogues(self, conversation: Conversation, *, per_turn: bool) -> list[Dialogue]:
+        """The examples of a conversation: one whose target is the last reply and whose history holds every
+        earlier exchange (a family that trains the history's replies in the same sequence); or, `per_turn`,
+        one for each reply, with the exchanges before it as history."""
+        rendered = self.exchanges(conversation)
+        ends = range(len(rendered)) if per_turn else [len(rendered) - 1]
+        return [Dialogue(rendered[k][0], rendered[k][1], tuple(rendered[:k])) for k in ends]
+
+    def reply_to(self, conversation: Conversation) -> Dialogue:
+        """What to generate from for a conversation that ends with a user turn: its earlier exchanges as
+        history, rendered exactly as training renders them, and the last user turn as the prompt."""
+        *done, last = conversation.turns
+        history = tuple(self.exchanges(Conversation(tuple(done), conversation.images)))
+        return Dialogue(self.render(last.text, "" if history else conversation.system), "", history)
+
+    def exchanges(self, conversation: Conversation) -> list[tuple[str, str]]:
+        """(prompt, reply) of each exchange, the system turn before the first prompt."""
+        return [
+            (self.render(user, conversation.system if k == 0 else ""), reply)
+            for k, (user, reply) in enumerate(conversation.exchanges())
+        ]
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """What the family encodes: the history's exchanges, then the prompt and its target."""
+
+    prompt: str
+    target: str
+    history: tuple[tuple[str, str], ...] = ()
 
 
 class CaptionExamples:
@@ -77,7 +125,7 @@ class CaptionExamples:
         row = self.dataset[i]
         image = as_image(row[self.image_column], f"row {i}, column {self.image_column!r}")
         text = checked_target(text, f"row {i}, column {self.text_column!r}")
-        return {"image": image, "prompt": self.prompting(row), "target": text, "index": i}
+        return {"image": image, "prompt": self.prompting(row), "target": text, "history": (), "index": i}
 
     def epoch_order(self, seed: int, batch_size: int, *, one_caption: bool, by_length: bool) -> EpochSampler:
         """The sampler of each epoch's order (one caption per image, batches of similar length, as asked)."""
@@ -108,6 +156,10 @@ class CaptionExamples:
         """Each example's target length in characters: a cheap stand-in for tokens, for grouping by length."""
         return [len(t) if isinstance(t, str) else 0 for _, t in self.pairs]
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.image_column, self.text_column)
+
     def without_images(self) -> TextOnlyExamples:
         """The same examples, in the same order, with no image decoded (for cached image features)."""
         column = self.prompting.question_column
@@ -123,11 +175,74 @@ class CaptionExamples:
 class TextOnlyExamples:
     """(index, prompt, target) without decoding any image: for training on cached image features."""
 
-    items: list[tuple[int, str, str]]  # (row, prompt, target)
+    items: list[tuple[int, str, str]] | list[tuple[int, Dialogue]]  # (row, prompt, target) or (row, dialogue)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        i, prompt, text = self.items[k]
-        return {"prompt": prompt, "target": checked_target(text, f"row {i}"), "index": i}
+        i, *item = self.items[k]
+        d = item[0] if len(item) == 1 else Dialogue(*item)
+        return {
+            "prompt": d.prompt,
+            "target": checked_target(d.target, f"row {i}"),
+            "history": d.history,
+            "index": i,
+        }
+
+
+class ConversationExamples(CaptionExamples):
+    """A conversation split's examples (the `messages` and `images` columns of any conversation layout), each
+    with its image, its history and the reply to train. The records are parsed once, text only; a
+    family that cannot train earlier replies in the same sequence (`per_turn`) gets an example per reply."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        messages_column: str = "messages",
+        images_column: str = "images",
+        prompting: Prompting | None = None,
+        per_image: bool = False,
+        per_turn: bool = False,
+    ):
+        self.dataset, self.image_column, self.text_column = dataset, images_column, messages_column
+        self.prompting = prompting or Prompting()
+        self.conversations = [
+            parse(m, [None] * n)
+            for m, n in zip(column_values(dataset, messages_column), self._counts(), strict=True)
+        ]
+        self.pairs = [
+            (i, d)
+            for i, c in enumerate(self.conversations)
+            for d in self.prompting.dialogues(c, per_turn=per_turn)[: 1 if per_image else None]
+        ]
+
+    def _counts(self) -> list[int]:
+        """How many images each record gives beside its messages (none where the column is missing)."""
+        if self.image_column not in (self.dataset.column_names or []):
+            return [0] * len(self.dataset)
+        from .checks import raw_images
+
+        return [
+            0 if v is None else 1 if isinstance(v, (str, dict)) else len(v)
+            for v in column_values(raw_images(self.dataset, self.image_column), self.image_column)
+        ]
+
+    def image_cell(self, i: int) -> Any:
+        """Row `i`'s image: from its messages' parts, or the images column (the families here read one)."""
+        cells = self.conversations[i].images
+        if cells and cells[0] is not None:
+            return cells[0]
+        value = self.dataset[i][self.image_column]
+        return value if isinstance(value, (str, dict)) or value is None else value[0]
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, d = self.pairs[k]
+        image = as_image(self.image_cell(i), f"row {i}, column {self.image_column!r}")
+        return {"image": image, "prompt": d.prompt, "target": d.target, "history": d.history, "index": i}
+
+    def target_lengths(self) -> list[int]:
+        return [len(d.target) + sum(len(a) for _, a in d.history) for _, d in self.pairs]
+
+    def without_images(self) -> TextOnlyExamples:
+        return TextOnlyExamples(list(self.pairs))

@@ -1,8 +1,10 @@
-"""Dataset layouts beyond what `datasets` reads by itself: COCO captions and JSONL / CSV manifests.
+"""Dataset layouts beyond what `datasets` reads by itself: COCO captions, JSONL / CSV manifests and
+conversation files (LLaVA JSON, ShareGPT / OpenAI messages in .json or .jsonl).
 
-Each becomes a `datasets.Dataset` with an `image` column of absolute paths and a `text` column (a list of
-captions for COCO, one row per image, so evaluation keeps every reference and training makes a pair of each),
-plus `question` / `answer` when a manifest has them.
+A caption layout becomes a `datasets.Dataset` with an `image` column of absolute paths and a `text` column (a
+list of captions for COCO, one row per image, so evaluation keeps every reference and training makes a pair of
+each), plus `question` / `answer` when a manifest has them. A conversation file becomes `messages` (each
+record's messages as JSON text, read by `conversations.parse`) and `images` (absolute paths, or data URIs).
 """
 
 from __future__ import annotations
@@ -110,15 +112,117 @@ def load_manifest(path: Path) -> Any:
     return _dataset(rows)
 
 
-def _dataset(rows: dict[str, list]) -> Any:
+CONVERSATION_KEYS = ("messages", "conversations")
+
+
+def is_conversations(path: Path) -> bool:
+    """A conversation file: a .json list or a .jsonl of records with `messages` or `conversations` (told from
+    the head of the file: a LLaVA file can be a gigabyte)."""
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return False
+    try:
+        with path.open() as f:
+            head = f.read(4096).lstrip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    opens = head.startswith("[") if path.suffix == ".json" else head.startswith("{")
+    return opens and any(f'"{k}"' in head for k in CONVERSATION_KEYS)
+
+
+def read_records(path: Path) -> list[Any]:
+    """The records of a .json list or a .jsonl file; an error naming the line that does not parse."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of records")
+        return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({e})") from e
+    return records
+
+
+def layout_of(record: Any) -> str:
+    """Which conversation layout a record is written in (for `vlmtune data check`)."""
+    if not isinstance(record, dict):
+        return "unknown"
+    messages = [m for m in record.get("messages", record.get("conversations")) or [] if isinstance(m, dict)]
+    if "conversations" in record or any("from" in m for m in messages):
+        return "LLaVA (conversations / from / value)"
+    parts = [p for m in messages for p in _parts(m)]
+    if any(p.get("type") == "image_url" for p in parts):
+        return "OpenAI chat (image_url parts)"
+    if parts:
+        return "typed messages (TRL: content parts + images)"
+    return "ShareGPT messages (role / content + images)"
+
+
+def _parts(message: dict) -> list[dict]:
+    content = message.get("content")
+    return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+
+
+def load_conversations(path: Path, image_root: str | None = None) -> Any:
+    """`messages` (JSON text) and `images` (absolute paths, data URIs as they are) of each record; a record
+    without messages keeps its place, as one more bad record for the checks to name."""
+    root = Path(image_root) if image_root else path.parent
+    rows: dict[str, list] = {"messages": [], "images": []}
+    for r in read_records(path):
+        r = r if isinstance(r, dict) else {}
+        messages = next((r[k] for k in CONVERSATION_KEYS if k in r), None)
+        images = r.get("images", r.get("image"))
+        images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        messages = [_resolved_parts(m, root) for m in messages] if isinstance(messages, list) else messages
+        rows["messages"].append(json.dumps(messages))
+        rows["images"].append([_resolved(i, root) for i in images])
+    files = [i for images in rows["images"] for i in images if isinstance(i, str)]
+    return _dataset(rows, files)
+
+
+def _resolved(image: Any, root: Path) -> Any:
+    if isinstance(image, str) and not image.startswith(("data:", "http://", "https://")):
+        return str((root / image).resolve())
+    return image
+
+
+def _resolved_parts(message: Any, root: Path) -> Any:
+    """A message with the image paths in its content parts made absolute (data URIs stay as they are)."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    parts = []
+    for p in message["content"]:
+        if isinstance(p, dict) and p.get("type") == "image_url":
+            url = p.get("image_url")
+            if isinstance(url, dict) and isinstance(url.get("url"), str):
+                p = {**p, "image_url": {**url, "url": _resolved(url["url"], root)}}
+            elif isinstance(url, str):
+                p = {**p, "image_url": _resolved(url, root)}
+        elif isinstance(p, dict) and p.get("type") == "image" and isinstance(p.get("image"), str):
+            p = {**p, "image": _resolved(p["image"], root)}
+        parts.append(p)
+    return {**message, "content": parts}
+
+
+def _dataset(rows: dict[str, list], files: list[str] | None = None) -> Any:
     """`rows` as a `datasets.Dataset` whose fingerprint follows its content, each image file's size and time
-    included, as `datasets` does for the files it reads itself: the same files give the same fingerprint in
+    (`files`, default the `image` column) included, as `datasets` does for the files it reads itself: the same files give the same fingerprint in
     every run (kept image features are found again), and any change gives another."""
     import datasets
 
     rows = _typed(rows)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode())
-    for image in rows["image"]:
+    for image in rows["image"] if files is None else files:
         try:
             stat = os.stat(image)
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
@@ -170,7 +274,7 @@ def _types(values: list) -> Counter:
 def _typed(rows: dict[str, list]) -> dict[str, list]:
     """`rows` with every column of one type, as Arrow needs: a value of another type than the column's usual
     one (a caption that is a number) becomes null, and a `_problems` column names it for the record check."""
-    problems: list[list[dict[str, str]]] = [[] for _ in rows["image"]]
+    problems: list[list[dict[str, str]]] = [[] for _ in next(iter(rows.values()))]
     for key, values in rows.items():
         types = _types(values)
         if key == "image" or len(types) < 2:

@@ -79,6 +79,8 @@ def as_image(value: Any, where: str) -> Image.Image:
     """A dataset cell as an RGB image: a PIL image, a path, or {"bytes"/"path"} as `datasets` stores them."""
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    if isinstance(value, str) and value.startswith("data:"):
+        value = io.BytesIO(_data_uri(value, where))
     if isinstance(value, (str, os.PathLike, io.BytesIO)):
         return open_image(value)
     if isinstance(value, Image.Image):
@@ -86,10 +88,24 @@ def as_image(value: Any, where: str) -> Image.Image:
     raise DataError(f"{where}: expected an image, got {type(value).__name__}")
 
 
+def _data_uri(uri: str, where: str) -> bytes:
+    """The bytes of a base64 `data:image/...;base64,...` URI (as OpenAI's chat format carries images)."""
+    import base64
+    import binascii
+
+    head, _, body = uri.partition(",")
+    if not head.endswith(";base64"):
+        raise DataError(f"{where}: a data URI must be base64 (data:image/png;base64,...), got {head!r}")
+    try:
+        return base64.b64decode(body, validate=True)
+    except binascii.Error as e:
+        raise DataError(f"{where}: the data URI is not valid base64 ({e})") from None
+
+
 def file_of(value: Any) -> str | None:
     """The file an image cell names: a path, or `datasets`' {"path": ...} (None for bytes alone)."""
     if isinstance(value, str):
-        return value
+        return None if value.startswith("data:") else value
     if isinstance(value, dict):
         return value.get("path")
     return None

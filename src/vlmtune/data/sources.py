@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,8 @@ from ..errors import DataError
 
 def detect(source: str) -> tuple[str, Path | None]:
     """What `source` is: (kind, the file or folder to read). Kinds: hub, datasets-dir, imagefolder, coco,
-    manifest, parquet, arrow."""
-    from .formats import find_coco, is_coco
+    manifest, conversations, parquet, arrow."""
+    from .formats import find_coco, is_coco, is_conversations
 
     path = Path(source)
     if not path.exists():
@@ -23,13 +23,16 @@ def detect(source: str) -> tuple[str, Path | None]:
     if path.is_file():
         if path.suffix in (".parquet", ".arrow"):
             return path.suffix[1:], path
+        if is_conversations(path):
+            return "conversations", path
         if path.suffix in (".jsonl", ".csv"):
             return "manifest", path
         if is_coco(path):
             return "coco", path
         raise DataError(
             f"{path} is a file vlmtune cannot read as a dataset: expected a COCO captions .json, a .jsonl or "
-            ".csv manifest (image path + text), or .parquet / .arrow"
+            ".csv manifest (image path + text), conversations (.json / .jsonl records with `messages` or "
+            "`conversations`), or .parquet / .arrow"
         )
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return "datasets-dir", path
@@ -57,7 +60,7 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
     """
     import datasets
 
-    from .formats import load_coco, load_manifest, load_metadata_folder
+    from .formats import load_coco, load_conversations, load_manifest, load_metadata_folder
 
     kind, path = detect(source)
     if kind == "hub":
@@ -78,6 +81,8 @@ def load_any(source: str, image_root: str | None = None, streaming: bool = False
             loaded = load_coco(path, image_root)
         elif kind == "manifest":
             loaded = load_manifest(path)
+        elif kind == "conversations":
+            loaded = load_conversations(path, image_root)
         else:
             loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as e:
@@ -118,7 +123,7 @@ def load_splits(
     split: str = "train",
     val_split: str | None = None,
     val_fraction: float = 0.0,
-    columns: tuple[str, ...] = ("image", "text"),
+    columns: Columns = ("image", "text"),
     seed: int = 42,
     image_root: str | None = None,
 ) -> tuple[Any, Any | None]:
@@ -150,8 +155,32 @@ def load_dict(source: str, image_root: str | None = None, streaming: bool = Fals
     return loaded
 
 
-def pick_split(loaded: Any, source: str, name: str, columns: tuple[str, ...]) -> Any:
-    """Split `name` of `loaded`, with `columns` checked to exist; the error lists what does exist."""
+Columns = tuple[str, ...] | Callable[[list[str]], tuple[str, ...]]
+
+
+def is_conversation(existing: list[str], cfg: Any) -> bool:
+    """Whether a split with these columns is read as conversations: it has the messages column and no text
+    column (a caption split that also has a `messages` column stays a caption split)."""
+    messages = getattr(cfg, "messages_column", None)
+    return messages is not None and messages in existing and cfg.text_column not in existing
+
+
+def required_columns(cfg: Any) -> Callable[[list[str]], tuple[str, ...]]:
+    """The columns a split must have, by its layout: a conversation split its messages (the images may be
+    inside them); a caption split its image and text (and question) columns."""
+
+    def need(existing: list[str]) -> tuple[str, ...]:
+        if is_conversation(existing, cfg):
+            return (cfg.messages_column,)
+        question = getattr(cfg, "question_column", None)
+        return (cfg.image_column, cfg.text_column) + ((question,) if question else ())
+
+    return need
+
+
+def pick_split(loaded: Any, source: str, name: str, columns: Columns) -> Any:
+    """Split `name` of `loaded`, with `columns` checked to exist (a tuple, or a function of the split's
+    columns for a choice of layouts); the error lists what does exist."""
     if name not in loaded:
         raise DataError(f"dataset {source} has no split {name!r}; its splits: {', '.join(loaded)}")
     ds = loaded[name]
@@ -161,11 +190,13 @@ def pick_split(loaded: Any, source: str, name: str, columns: tuple[str, ...]) ->
         if first is None:
             raise DataError(f"dataset {source} (split {name!r}) is empty")
         existing = list(first)
-    missing = [c for c in columns if c not in existing]
+    wanted = columns(list(existing)) if callable(columns) else columns
+    missing = [c for c in wanted if c not in existing]
     if missing:
         raise DataError(
             f"dataset {source} (split {name!r}) has no column {', '.join(map(repr, missing))}; its columns: "
-            f"{', '.join(existing)}. Name the right ones with --image-column / --text-column."
+            f"{', '.join(existing)}. Name the right ones with --image-column / --text-column (captions) or "
+            "--messages-column / --images-column (conversations)."
         )
     return ds
 

@@ -151,3 +151,13 @@ def write_football_dataset(out: str | Path, splits: dict[str, tuple[int, int]] =
             {"image": [r.image for r in rows], "text": [r.text for r in rows]}, features=features
         )
     return build_dir(out, lambda tmp: DatasetDict(parts).save_to_disk(str(tmp)))
+
+
+def dialogues(n: int, seed: int) -> Iterator[tuple[Image.Image, list[tuple[str, str]]]]:
+    """`n` shapes scenes, each with a two-exchange dialogue: its caption (an empty user turn: "describe it"),
+    then a question whose answer the image (and the caption before it) holds."""
+    rng = random.Random(f"dialogue-{seed}")
+    for _ in range(n):
+        example = shapes_example(rng)
+        question, answer = rng.choice(example.qa)
+        yield example.image, [("", example.text), (question, answer)]

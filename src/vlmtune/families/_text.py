@@ -59,16 +59,18 @@ def assemble(
     max_length: int,
     image_tokens: int,
     padding_side: str,
+    prompt_labels: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The batch for prompts already tokenised with their image tokens (`image_tokens` of them per row, not
-    counted against `max_length`), and their targets tokenised without special tokens (None: generation)."""
+    counted against `max_length`), and their targets tokenised without special tokens (None: generation).
+    `prompt_labels` (decoder-only): the prompt side's labels where a dialogue's earlier replies train."""
     rows, labels = [], []
     for k, ids in enumerate(prompt_ids):
         text = len(ids) - image_tokens
         room = max_length if encoder_decoder else max_length - text
         if text > max_length or (target_ids is not None and room < 1):
             raise ValueError(
-                f"the prompt alone takes {text} tokens, over --max-length {max_length}; raise it"
+                f"the prompt (and history) alone takes {text} tokens, over --max-length {max_length}; raise it"
             )
         span = trained_span(target_ids[k], end_id, room) if target_ids is not None else []
         if encoder_decoder:
@@ -76,7 +78,8 @@ def assemble(
             labels.append(span)
         else:
             rows.append(ids + span)
-            labels.append([IGNORE_INDEX] * len(ids) + span)
+            before = prompt_labels[k] if prompt_labels else [IGNORE_INDEX] * len(ids)
+            labels.append(before + span)
     if encoder_decoder:
         batch = pad_rows(rows, None, pad_id, padding_side)
         if target_ids is not None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
+History = Sequence[Sequence[tuple[str, str]]] | None  # per example: earlier (prompt, reply) exchanges
 
 
 def trained_span(target_ids: list[int], end_id: int, room: int) -> list[int]:
@@ -54,6 +56,16 @@ def unwrap(model: Any) -> Any:
     """The transformers model under Accelerate's (DDP) and peft's wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a batch's text is laid out beyond its prompts and targets (what `encode` hands `encode_batch`)."""
+
+    max_length: int  # most text tokens per example; image tokens not counted
+    padding_side: str  # "right" for training, "left" for batched generation
+    history: list[tuple[tuple[str, str], ...]]  # per example: earlier (prompt, reply) exchanges, rendered
+    train_history: bool = True  # the history's replies trained too
 
 
 class Family(ABC):
@@ -121,7 +133,26 @@ class Family(ABC):
     def format_question(self, question: str, template: str | None = None) -> str:
         return (template or self.question_template).format(question=question.strip())
 
-    @abstractmethod
+    # Whether `encode_batch` reads a conversation's earlier exchanges as tokens of their own, their replies
+    # trained in the same sequence as the last one. A family that does not (an encoder-decoder, whose decoder
+    # holds one reply) reads the history folded into the prompt's text, and trains one example per reply.
+    trains_history: bool = False
+    images_per_example = 1  # images each example reads (a conversation with another count is refused)
+
+    def fold(self, history: Sequence[tuple[str, str]], prompt: str) -> str:
+        """The earlier exchanges as text before `prompt`: "Question: q1 Answer: a1 Question: q2 Answer:"."""
+        return " ".join([*(f"{p} {a.strip()}".strip() for p, a in history), prompt]).strip()
+
+    def dialogue(
+        self, prompts: Sequence[str], history: History
+    ) -> tuple[list[str], list[tuple[tuple[str, str], ...]]]:
+        """(prompts, history) as `encode_batch` takes them: the history folded into the prompts unless the
+        family `trains_history`; no history, an empty one per row."""
+        history = [tuple(h) for h in history] if history is not None else [()] * len(prompts)
+        if self.trains_history:
+            return list(prompts), history
+        return [self.fold(h, p) for h, p in zip(history, prompts, strict=True)], [()] * len(prompts)
+
     def encode(
         self,
         processor: Any,
@@ -131,23 +162,50 @@ class Family(ABC):
         *,
         max_length: int,
         padding_side: str,
+        history: History = None,
+        train_history: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Model inputs for a batch; with `targets`, also `labels`: the target tokens and the end token
-        trained (`trained_span`), every other position IGNORE_INDEX.
+        trained (`trained_span`), and with `train_history` each earlier reply of the history the same way,
+        every other position (image, prompts, system, padding) IGNORE_INDEX.
 
         Args:
             images: RGB images, one per example.
             prompts: text before the target ("" for plain captioning, a question for VQA).
             targets: what the model should learn to say, or None at generation time.
-            max_length: most text tokens per example (prompt, target, end); image tokens not counted.
+            max_length: most text tokens per example (history, prompt, target, end); image tokens not counted.
             padding_side: "right" for training, "left" for batched generation.
+            history: per example, the conversation's earlier (prompt, reply) exchanges, rendered.
         """
+        prompts, history = self.dialogue(prompts, history)
+        layout = Layout(max_length, padding_side, history, train_history)
+        return self.encode_batch(processor, images, prompts, targets, layout)
 
     @abstractmethod
-    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
-        """How many of `--max-length`'s tokens the example's target side spends, counted as `encode` counts
-        them (special tokens and the end token included, image tokens not): over max_length, the target is cut.
-        (A prompt that alone is over max_length is refused by `encode`.)"""
+    def encode_batch(
+        self,
+        processor: Any,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        targets: Any,
+        layout: Layout,
+    ) -> dict[str, torch.Tensor]:
+        """`encode` for the family, the history as `dialogue` gives it (always empty unless `trains_history`)."""
+
+    def text_tokens(
+        self, processor: Any, prompt: str, target: str, history: Sequence[tuple[str, str]] = ()
+    ) -> int:
+        """How many of `--max-length`'s tokens the example's text spends, counted as `encode` counts them
+        (history, special tokens and the end token included, image tokens not): over max_length, the target
+        is cut. (A prompt that alone is over max_length is refused by `encode`.)"""
+        prompts, histories = self.dialogue([prompt], [history])
+        return self.count_tokens(processor, prompts[0], target, histories[0])
+
+    @abstractmethod
+    def count_tokens(
+        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+    ) -> int:
+        """`text_tokens` for the family, the history as `dialogue` gives it."""
 
     def encode_text(
         self,
@@ -157,8 +215,17 @@ class Family(ABC):
         *,
         max_length: int,
         padding_side: str,
+        history: History = None,
+        train_history: bool = True,
     ) -> dict[str, torch.Tensor]:
         """`encode` without the images (the same ids and labels), for training on cached image features."""
+        prompts, history = self.dialogue(prompts, history)
+        layout = Layout(max_length, padding_side, history, train_history)
+        return self.encode_text_batch(processor, prompts, targets, layout)
+
+    def encode_text_batch(
+        self, processor: Any, prompts: Sequence[str], targets: Sequence[str], layout: Layout
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def generation_inputs(
@@ -169,9 +236,13 @@ class Family(ABC):
         device: torch.device,
         dtype: torch.dtype,
         max_length: int = 512,
+        history: History = None,
     ) -> dict[str, torch.Tensor]:
-        """`encode` without targets, as `generate` takes it: left-padded, on `device`, images in `dtype`."""
-        batch = self.encode(processor, images, prompts, None, max_length=max_length, padding_side="left")
+        """`encode` without targets, as `generate` takes it: left-padded, on `device`, images in `dtype`; a
+        conversation's `history` laid out exactly as training laid it out."""
+        batch = self.encode(
+            processor, images, prompts, None, max_length=max_length, padding_side="left", history=history
+        )
         return to_model(batch, device, dtype)
 
     def image_features(

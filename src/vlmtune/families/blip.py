@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import IGNORE_INDEX, Family, pad_rows, trained_span, unwrap
+from .base import IGNORE_INDEX, Family, Layout, pad_rows, trained_span, unwrap
 
 # Every linear layer of the text decoder's layers: self- and cross-attention (query, key, value, output
 # dense), the MLP (intermediate and output dense); anchored under text_decoder (the ViT's are qkv, fc1...).
@@ -60,22 +60,20 @@ class Blip(Family):
     def cache_level(self, groups: Sequence[str], model: Any) -> tuple[str | None, str]:
         return None, "BLIP's forward takes no precomputed image features"
 
-    def encode(
+    def encode_batch(
         self,
         processor: Any,
         images: Sequence[Image.Image],
         prompts: Sequence[str],
-        targets: Sequence[str] | None,
-        *,
-        max_length: int,
-        padding_side: str,
+        targets: Any,
+        layout: Layout,
     ) -> dict[str, torch.Tensor]:
         tok = processor.tokenizer
         prompt_ids = [[self.bos_id] + p for p in tok(list(prompts), add_special_tokens=False)["input_ids"]]
         rows, labels = prompt_ids, None
         if targets is not None:
             spans = [
-                trained_span(t, self.end_token_id, max_length - len(p))
+                trained_span(t, self.end_token_id, layout.max_length - len(p))
                 for p, t in zip(
                     prompt_ids,
                     tok([t.strip() for t in targets], add_special_tokens=False)["input_ids"],
@@ -84,12 +82,14 @@ class Blip(Family):
             ]
             rows = [p + s for p, s in zip(prompt_ids, spans, strict=True)]
             labels = [[IGNORE_INDEX] * len(p) + s for p, s in zip(prompt_ids, spans, strict=True)]
-        batch = pad_rows(rows, labels, self.pad_id, padding_side)
+        batch = pad_rows(rows, labels, self.pad_id, layout.padding_side)
         pixels = processor.image_processor(list(images))["pixel_values"]
         batch["pixel_values"] = torch.as_tensor(np.stack(pixels))
         return batch
 
-    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
+    def count_tokens(
+        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+    ) -> int:
         tok = processor.tokenizer
         words = [tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, target.strip())]
         return 1 + len(words[0]) + len(words[1]) + 1  # [DEC] prompt target [SEP]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ._text import assemble, end_tokens, lora_targets, new_tokens, target_text
-from .base import IGNORE_INDEX, Family, unwrap
+from .base import IGNORE_INDEX, Family, Layout, unwrap
 
 # What each trainable group trains in full (peft `modules_to_save`).
 GROUP_MODULES = {"qformer": ["qformer"], "projection": ["language_projection"]}
@@ -87,62 +87,85 @@ class Blip2(Family):
 
     # --- inputs -----------------------------------------------------------------------------------------
 
-    def encode(
+    @property
+    def trains_history(
+        self,
+    ) -> bool:  # a decoder-only language model reads the whole dialogue as one sequence
+        return not self.encoder_decoder
+
+    def encode_batch(
         self,
         processor: Any,
         images: Sequence[Image.Image],
         prompts: Sequence[str],
-        targets: Sequence[str] | None,
-        *,
-        max_length: int,
-        padding_side: str,
+        targets: Any,
+        layout: Layout,
     ) -> dict[str, torch.Tensor]:
         """Inputs, and with `targets` the labels, for a batch: `input_ids`, `attention_mask`, `labels` (B, T)
-        long; `pixel_values` (B, 3, H, W)."""
+        long; `pixel_values` (B, 3, H, W). A dialogue reads: image tokens, the first prompt, then each reply
+        and its end token followed by the next prompt, then the target."""
         # The processor is called with images and text together: that is what inserts the placeholders.
-        enc = processor(images=list(images), text=list(prompts), padding=False)
-        batch = self._assemble(
-            processor.tokenizer, enc["input_ids"], prompts, targets, max_length, padding_side
-        )
+        enc = processor(images=list(images), text=_first_prompts(prompts, layout.history), padding=False)
+        batch = self._assemble(processor.tokenizer, enc["input_ids"], prompts, targets, layout)
         batch.update(self.text_inputs(processor, prompts))
         batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
         return batch
 
-    def encode_text(
-        self,
-        processor: Any,
-        prompts: Sequence[str],
-        targets: Sequence[str],
-        *,
-        max_length: int,
-        padding_side: str,
+    def encode_text_batch(
+        self, processor: Any, prompts: Sequence[str], targets: Sequence[str], layout: Layout
     ) -> dict[str, torch.Tensor]:
         # The processor's layout, rebuilt without decoding an image: placeholders, then the tokenised prompt
         # (with the tokenizer's own special tokens). A test checks it against `encode` token for token.
         placeholders = [self.image_token_id] * self.num_query_tokens
-        ids = [placeholders + p for p in processor.tokenizer(list(prompts))["input_ids"]]
-        batch = self._assemble(processor.tokenizer, ids, prompts, targets, max_length, padding_side)
+        firsts = processor.tokenizer(_first_prompts(prompts, layout.history))["input_ids"]
+        ids = [placeholders + p for p in firsts]
+        batch = self._assemble(processor.tokenizer, ids, prompts, targets, layout)
         batch.update(self.text_inputs(processor, prompts))
         return batch
 
-    def text_tokens(self, processor: Any, prompt: str, target: str) -> int:
+    def count_tokens(
+        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+    ) -> int:
         tok = processor.tokenizer
-        prompt_ids = tok(prompt)[
-            "input_ids"
-        ]  # with the tokenizer's own special tokens, as the processor adds
+        # with the tokenizer's own special tokens, as the processor adds them
+        first = tok(_first_prompts([prompt], [history])[0])["input_ids"]
+        rest, _ = self._continuation(tok, history, prompt, True)
         target_ids = tok(target_text(prompt, target, self.encoder_decoder), add_special_tokens=False)[
             "input_ids"
         ]
         # A decoder-only model spends the budget on the whole sequence; an encoder-decoder one on each side
         # apart, and only the decoder's side (the target) is ever cut.
         spent = len(target_ids) + 1
-        return spent if self.encoder_decoder else len(prompt_ids) + spent
+        return spent if self.encoder_decoder else len(first) + len(rest) + spent
 
     def text_inputs(self, processor: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Text inputs beside the language model's (none for BLIP-2: its Q-Former reads no text)."""
         return {}
 
-    def _assemble(self, tokenizer, prompt_ids, prompts, targets, max_length, padding_side):
+    def _continuation(
+        self, tokenizer: Any, history: tuple[tuple[str, str], ...], prompt: str, train: bool
+    ) -> tuple[list[int], list[int]]:
+        """The tokens after the first prompt of a dialogue, up to the target: each earlier reply and its end
+        token (trained with `train`), then the next prompt (never trained); with their labels."""
+        ids: list[int] = []
+        labels: list[int] = []
+        later = [p for p, _ in history[1:]] + [prompt] if history else []
+        for (asked, reply), nxt in zip(history, later, strict=True):
+            said = tokenizer(target_text(asked, reply, False), add_special_tokens=False)["input_ids"]
+            said = said + [self.end_token_id]
+            ids += said
+            labels += said if train else [IGNORE_INDEX] * len(said)
+            question = tokenizer(nxt, add_special_tokens=False)["input_ids"] if nxt else []
+            ids += question
+            labels += [IGNORE_INDEX] * len(question)
+        return ids, labels
+
+    def _assemble(self, tokenizer, prompt_ids, prompts, targets, layout: Layout):
+        prompt_ids, prompt_labels = [list(ids) for ids in prompt_ids], []
+        for k, h in enumerate(layout.history):
+            rest, labels = self._continuation(tokenizer, h, prompts[k], layout.train_history)
+            prompt_labels.append([IGNORE_INDEX] * len(prompt_ids[k]) + labels)
+            prompt_ids[k] += rest
         for ids in prompt_ids:
             n_image = sum(1 for i in ids if i == self.image_token_id)
             if n_image != self.num_query_tokens:
@@ -160,9 +183,10 @@ class Blip2(Family):
             encoder_decoder=self.encoder_decoder,
             end_id=self.end_token_id,
             pad_id=tokenizer.pad_token_id,
-            max_length=max_length,
+            max_length=layout.max_length,
             image_tokens=self.num_query_tokens,
-            padding_side=padding_side,
+            padding_side=layout.padding_side,
+            prompt_labels=prompt_labels,
         )
 
     def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +245,11 @@ class Blip2(Family):
         kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
         out = model.generate(**batch, **kwargs)
         return new_tokens(out, batch, self.encoder_decoder)
+
+
+def _first_prompts(prompts: Sequence[str], history: Sequence[tuple[tuple[str, str], ...]]) -> list[str]:
+    """What the processor reads beside the image: a dialogue's first prompt (the rest is appended as tokens)."""
+    return [h[0][0] if h else p for p, h in zip(prompts, history, strict=True)]
 
 
 def _qformer_outputs(features: torch.Tensor) -> Any:

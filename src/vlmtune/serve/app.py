@@ -25,6 +25,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig
+from ..data.conversations import parse
+from ..data.examples import Dialogue, Prompting
+from ..errors import DataError
 from .engine import BASE, Adapter, Batcher, Engine, Job, Result, Sampling
 from .schemas import (
     AskResponse,
@@ -153,22 +156,24 @@ def create_app(engine: Engine, cfg: ServeConfig, api_key: str | None = None) -> 
 
     @app.post("/v1/chat/completions", tags=["openai"], responses=ERRORS, response_model=ChatResponse)
     async def chat(req: ChatRequest) -> Any:
-        """OpenAI chat completions: one image as an `image_url` data URI; the last user text is the question."""
+        """OpenAI chat completions: one image as an `image_url` data URI; the whole conversation (system and
+        earlier turns included) in the family's template, as training renders it; the reply continues it."""
         adapter = pick(req.model)
         if req.n > cfg.max_n:
             raise APIError(400, f"n {req.n} is over this server's limit of {cfg.max_n}")
         limit = token_limit(req.max_completion_tokens or req.max_tokens)
-        url, question = _image_and_question(req)
+        url, dialogue = _conversation(req, Prompting(adapter.prompt, None, engine.family.question_template))
         image = await image_of(bytes_from_url(url), "the image_url image")
         sampling = Sampling(req.temperature or 0.0, req.top_p or 1.0)
-        prompt = prompt_for(adapter, question)
+        prompt, history = dialogue.prompt, dialogue.history
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return StreamingResponse(
-                _stream(rid, now, adapter, req.n, image, prompt, limit, sampling, generate),
+                _stream(rid, now, adapter, req.n, image, prompt, history, limit, sampling, generate),
                 media_type="text/event-stream",
             )
-        results = await generate([Job(image, prompt, adapter, limit, sampling) for _ in range(req.n)])
+        jobs = [Job(image, prompt, adapter, limit, sampling, history=history) for _ in range(req.n)]
+        results = await generate(jobs)
         return ChatResponse(
             id=rid,
             created=now,
@@ -235,36 +240,29 @@ def _usage(results: list[Result]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _image_and_question(req: ChatRequest) -> tuple[str, str | None]:
-    """The one image URL in the user messages, and the text of the last user message (None when blank)."""
-    urls: list[str] = []
-    question: str | None = None
-    for m in req.messages:
-        if m.role != "user":
-            continue  # system prompts and earlier answers: no family takes a dialogue yet
-        parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content or []
-        texts = []
-        for p in parts:
-            p = p if isinstance(p, dict) else p.model_dump()
-            if p["type"] == "text" and p.get("text"):
-                texts.append(p["text"])
-            elif p["type"] == "image_url":
-                iu = p.get("image_url")
-                url = iu if isinstance(iu, str) else (iu or {}).get("url")
-                if not url:
-                    raise APIError(400, "an image_url part has no url")
-                urls.append(url)
-        question = " ".join(texts).strip() or None
+def _conversation(req: ChatRequest, prompting: Prompting) -> tuple[str, Dialogue]:
+    """The one image URL of the conversation, and what to generate from: every turn, read by the same
+    parser as training data, rendered as training renders it."""
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        conversation = parse(messages, training=False)
+    except DataError as e:
+        raise APIError(400, f"messages: {e}") from None
+    urls = conversation.images
     if not urls:
         raise APIError(
             400, "no image: add a content part {'type': 'image_url', 'image_url': {'url': 'data:...'}}"
         )
     if len(urls) > 1:
-        raise APIError(400, f"{len(urls)} images sent; this model takes one image per request")
-    return urls[0], question
+        raise APIError(400, f"{len(urls)} images sent; this model takes one image per conversation")
+    if not isinstance(urls[0], str) or not urls[0]:
+        raise APIError(400, "an image_url part has no url")
+    return urls[0], prompting.reply_to(conversation)
 
 
-async def _stream(rid, created, adapter, n, image, prompt, limit, sampling, generate) -> AsyncIterator[str]:
+async def _stream(
+    rid, created, adapter, n, image, prompt, history, limit, sampling, generate
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: a role chunk, text deltas as they are generated, a chunk
     with each choice's finish_reason, then [DONE]."""
     loop = asyncio.get_running_loop()
@@ -285,7 +283,7 @@ async def _stream(rid, created, adapter, n, image, prompt, limit, sampling, gene
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    jobs = [Job(image, prompt, adapter, limit, sampling, on_text=sender(i)) for i in range(n)]
+    jobs = [Job(image, prompt, adapter, limit, sampling, sender(i), history=history) for i in range(n)]
     task = asyncio.ensure_future(generate(jobs))
     while not (task.done() and pieces.empty()):
         getter = asyncio.ensure_future(pieces.get())

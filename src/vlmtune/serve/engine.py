@@ -71,6 +71,7 @@ class Job:
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None
     future: asyncio.Future | None = None
+    history: tuple[tuple[str, str], ...] = ()  # the conversation's earlier exchanges, rendered
 
 
 def parse_runs(runs: Sequence[str]) -> dict[str, str]:
@@ -148,7 +149,12 @@ class Engine:
             raise ValueError("one batch takes one adapter and one sampling setting")
         fam, proc = self.family, self.processor
         batch = fam.generation_inputs(
-            proc, [j.image for j in jobs], [j.prompt for j in jobs], self.device, self.dtype
+            proc,
+            [j.image for j in jobs],
+            [j.prompt for j in jobs],
+            self.device,
+            self.dtype,
+            history=[j.history for j in jobs],
         )
         prompt_tokens = batch["attention_mask"].sum(1).tolist()
         new: dict[int, list[int]] = {}

@@ -319,6 +319,7 @@ class Session:
             self.accelerator.device,
             self.dtype,
             max_length=self.cfg.max_length,
+            history=[x.get("history", ()) for x in examples],
         )
         # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
         with self.accelerator.autocast():

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Subset
 from ..atomic import write_text
 from ..config import TrainConfig
 from ..data.batching import Collator
-from ..data.checks import bad_as_dicts, bad_report, find_bad_records
-from ..data.examples import CaptionExamples, Prompting
-from ..data.sources import detect, held_out_rows, load_splits
+from ..data.checks import bad_as_dicts, bad_conversations, bad_report, find_bad_records
+from ..data.examples import CaptionExamples, ConversationExamples, Prompting
+from ..data.sources import detect, held_out_rows, is_conversation, load_splits, required_columns
 from ..errors import DataError
 from ..families import Family
 from ..rundir import (
@@ -56,9 +56,19 @@ def batches(
     val_set: Any,
 ) -> Batches:
     """Examples, the feature cache when the vision side is frozen, the epoch order and the loaders."""
-    collate = Collator(family, processor, cfg.max_length)
-    prompt = family.caption_prompt if cfg.prompt is None else cfg.prompt
-    prompting = Prompting(prompt, cfg.question_column, family.question_template)
+    train_history = not cfg.train_on_last_turn_only
+    collate = Collator(family, processor, cfg.max_length, train_history=train_history)
+    prompting = Prompting.of(cfg, family)
+
+    def examples_of(split: Any, per_image: bool = False) -> Any:
+        """A map-style split's examples, by its layout: conversations, or captions / answers."""
+        if is_conversation(split.column_names, cfg):
+            per_turn = not family.trains_history and train_history
+            return ConversationExamples(
+                split, cfg.messages_column, cfg.images_column, prompting, per_image, per_turn=per_turn
+            )
+        return CaptionExamples(split, cfg.image_column, cfg.text_column, prompting, per_image)
+
     if cfg.streaming:
         from ..data.stream import BadRecordLog, StreamExamples
 
@@ -74,14 +84,14 @@ def batches(
             batch_size=cfg.batch_size,
         )
     else:
-        examples = CaptionExamples(train_set, cfg.image_column, cfg.text_column, prompting)
+        examples = examples_of(train_set)
     features, val_features, train_items, train_collate, cache_s = None, None, examples, collate, 0.0
     upto, why = wants_cache(cfg, family, model)
     accelerator.print(f"image feature cache: {'on' if upto else 'off'} ({why})")
 
     def cached(split: Any, name: str, spill_name: str) -> Any:
         """The image features of a split's rows, computed, or read where --feature-cache-dir kept them."""
-        rows = CaptionExamples(split, cfg.image_column, cfg.text_column, prompting, per_image=True)
+        rows = examples_of(split, per_image=True)
         found, kept = kept_features(
             model,
             family,
@@ -107,7 +117,7 @@ def batches(
             val_features = cached(val_set, "validation", "feature_cache.val")
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images()
-        train_collate = Collator(family, processor, cfg.max_length, cached=True)
+        train_collate = Collator(family, processor, cfg.max_length, cached=True, train_history=train_history)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches: a map-style
     # split's sampler, or (None) a stream that shuffles and positions itself.
     sampler = examples.epoch_order(
@@ -131,7 +141,7 @@ def batches(
     )
     val_examples, val_loader = None, None
     if val_set is not None:
-        val_examples = CaptionExamples(val_set, cfg.image_column, cfg.text_column, prompting)
+        val_examples = examples_of(val_set)
         # Each process scores every n-th example; the sums are added up across processes (a prepared loader
         # would pad the last batches with repeated examples, which would count twice).
         share = range(accelerator.process_index, len(val_examples), accelerator.num_processes)
@@ -163,7 +173,7 @@ def load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
     """(train split, validation split or None), checked; the split written to RUN_DIR/split.json. With
     --streaming the train split is a `datasets.IterableDataset` (and the validation split, small by nature,
     is read in full)."""
-    columns = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
+    columns = required_columns(cfg)
     if process().is_main_process:
         print(f"data: {cfg.data} ({detect(cfg.data)[0]}{', streaming' if cfg.streaming else ''})")
     split_doc: dict[str, Any] = {
@@ -176,6 +186,12 @@ def load_data(cfg: TrainConfig, run: Path) -> tuple[Any, Any]:
         import datasets
 
         from ..data.stream import load_stream
+
+        if detect(cfg.data)[0] == "conversations":
+            raise DataError("--streaming reads caption and question layouts; conversations train map-style")
+        columns = (cfg.image_column, cfg.text_column) + (
+            (cfg.question_column,) if cfg.question_column else ()
+        )
 
         train_set, val_set = load_stream(cfg.data, cfg.split, columns, cfg.image_root), None
         if cfg.val_split:
@@ -213,7 +229,16 @@ def process() -> Any:
 
 def drop_bad(dataset: Any, cfg: TrainConfig, run: Path, split: str) -> Any:
     """`dataset` without its bad records with --skip-bad (listed in skipped.jsonl); otherwise an error naming all."""
-    bad = find_bad_records(dataset, cfg.image_column, cfg.text_column)
+    if is_conversation(dataset.column_names, cfg):
+        from ..families import family_for
+        from ..modeling import load_config, load_processor, resolve_model
+
+        # The tokenizer and config alone (no weights): a conversation's length is checked as training counts.
+        family = family_for(load_config(cfg.model))
+        processor = load_processor(resolve_model(cfg.model))
+        bad = bad_conversations(dataset, cfg, family, processor)
+    else:
+        bad = find_bad_records(dataset, cfg.image_column, cfg.text_column)
     if not bad:
         return dataset
     if not cfg.skip_bad:
