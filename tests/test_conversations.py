@@ -348,3 +348,30 @@ def test_dialogue_training_teaches_the_second_turn(dialogue_run):
         log = server.stop()
     assert "Traceback" not in log, log
     assert right["dialogue"] >= 0.6 * len(held_out) and right["tiny"] <= 0.2 * len(held_out), right
+
+
+def test_evaluate_scores_every_assistant_turn(tmp_path):
+    """`evaluate` on conversation data: each reply generated after its reference history and scored (exact
+    match over all, VQA accuracy over the short ones, COCO metrics over the captions); the report shows the
+    dialogue of each turn."""
+    from vlmtune.config import EvaluateConfig
+    from vlmtune.evaluate import evaluate
+
+    source = layouts.write("openai", list(dialogues(4, 5)), tmp_path / "d")
+    summary = evaluate(EvaluateConfig(model="tiny", data=str(source), output=str(tmp_path / "eval")))
+    assert summary["conversations"] == 4 and summary["turns"] == 8
+    scores = summary["metrics"]["base"]
+    assert {"exact match", "VQA accuracy (short)", "CIDEr-D (long)"} <= set(scores)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["turn"] for r in rows] == [0, 1] * 4
+    second = rows[1]
+    assert second["question"].startswith(rows[0]["references"][0]) and "Question:" in second["question"]
+    captioner = Captioner.from_model("tiny")
+    image, [(_, caption), (question, _)] = list(dialogues(4, 5))[0]
+    messages = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": caption},
+        {"role": "user", "content": question},
+    ]
+    assert second["captions"]["base"] == captioner.reply(image, messages, max_new_tokens=40)
+    assert "Question:" in (tmp_path / "eval" / "report.html").read_text()

@@ -197,10 +197,23 @@ def test_page_captions_and_answers_in_headless_chromium(adapter_server, demo_run
             assert page.inner_text("#caption") == expected
             assert "ms" in page.inner_text("#caption-time")
 
-            page.fill("#question", "how many players are there?")
-            page.click("#ask")
-            page.wait_for_function("!document.querySelector('#answers .a').textContent.includes('…')")
-            assert page.inner_text("#answers .a").strip()
+            # Two questions: the second is asked with the conversation so far (caption, question, answer).
+            answered = (
+                "[...document.querySelectorAll('#answers .a')].filter(a => !a.textContent.includes('…'))"
+            )
+            questions = ["how many players are there?", "where is the ball?"]
+            for k, question in enumerate(questions):
+                page.fill("#question", question)
+                page.click("#ask")
+                page.wait_for_function(f"{answered}.length === {k + 1}")
+            answers = [a.inner_text().strip() for a in page.query_selector_all("#answers .a")]
+            picture = Image.open(image).convert("RGB")
+            history = [{"role": "user", "content": ""}, {"role": "assistant", "content": expected}]
+            tuned = Captioner.from_run(demo_run)
+            for k, question in enumerate(questions):
+                history.append({"role": "user", "content": question})
+                assert answers[k] == tuned.reply(picture, history, max_new_tokens=40), k
+                history.append({"role": "assistant", "content": answers[k]})
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
 
             # Dropping a file onto the page, with the base model chosen.

@@ -219,6 +219,8 @@ class EvaluateConfig:
     question_column: str | None = opt(
         None, "VQA: column with the question; --text-column then holds the answer(s); scores VQA accuracy"
     )
+    messages_column: str = opt("messages", "conversation data: column holding each record's messages")
+    images_column: str = opt("images", "conversation data: column holding each record's images")
     compare: list[str] = opt(
         [], "more models in the same table: 'base' (the run's base), run dirs, model ids"
     )

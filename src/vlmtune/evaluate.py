@@ -17,8 +17,9 @@ from typing import Any
 
 from .atomic import write_text
 from .config import EvaluateConfig
+from .data.examples import ConversationExamples
 from .data.images import as_image, file_of
-from .data.sources import iter_column, load_dict, pick_split
+from .data.sources import is_conversation, iter_column, load_dict, pick_split, required_columns
 from .errors import DataError
 from .infer import Captioner
 from .metrics import caption_scores, vqa_scores
@@ -31,8 +32,7 @@ THUMBNAIL = 256  # pixels, longest side, for the gallery
 def _split(cfg: EvaluateConfig) -> tuple[str, Any]:
     loaded = load_dict(cfg.data)
     name = cfg.split or next((s for s in ("validation", "test") if s in loaded), next(iter(loaded)))
-    wanted = (cfg.image_column, cfg.text_column) + ((cfg.question_column,) if cfg.question_column else ())
-    ds = pick_split(loaded, cfg.data, name, wanted)
+    ds = pick_split(loaded, cfg.data, name, required_columns(cfg))
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     return name, ds
@@ -69,6 +69,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     split, ds = _split(cfg)
     out = Path(cfg.output or (Path(cfg.run) / "eval" if cfg.run else "eval"))
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if is_conversation(ds.column_names, cfg):
+        return _evaluate_conversations(cfg, models, split, ds, out)
 
     images = [
         as_image(v, f"row {i}, column {cfg.image_column!r}") for i, v in enumerate(ds[cfg.image_column])
@@ -140,6 +142,92 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _print_table(table)
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} and {out / 'report.html'}")
     return summary
+
+
+SHORT = 3  # words: a reply this short is an answer (VQA accuracy); a longer one a caption (COCO metrics)
+
+
+def _evaluate_conversations(
+    cfg: EvaluateConfig, models: list[tuple[str, dict[str, str]]], split: str, ds: Any, out: Path
+) -> dict[str, Any]:
+    """Every assistant turn of every conversation, generated after the reference history (the turns before it
+    as the data has them) and scored: exact match over all turns, VQA accuracy over short replies, COCO
+    caption metrics over the others. The report shows each turn with its dialogue."""
+    replies: dict[str, list[str]] = {}
+    table: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    items: list[dict[str, Any]] = []
+    for label, source in models:
+        captioner = Captioner.load(dtype=cfg.dtype, **source)
+        examples = ConversationExamples(
+            ds, cfg.messages_column, cfg.images_column, captioner.prompting(), per_turn=True
+        )
+        items = [examples[k] for k in range(len(examples))]
+        print(f"replying to {len(items)} turns of split {split!r} with {label} ...", flush=True)
+        got: list[str] = []
+        for start in range(0, len(items), cfg.batch_size):
+            chunk = items[start : start + cfg.batch_size]
+            got += captioner.generate(
+                [x["image"] for x in chunk],
+                [x["prompt"] for x in chunk],
+                history=[x["history"] for x in chunk],
+                batch_size=len(chunk),
+                max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams,
+            )
+        table[label], notes = _turn_scores(got, [x["target"] for x in items])
+        replies[label] = got
+        del captioner
+    rows = []
+    for k, x in enumerate(items):
+        thumb = x["image"].copy()
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumb.save(out / "images" / f"{k:05d}.png")
+        said = " | ".join(f"{p} {a}".strip() for p, a in x["history"])
+        rows.append(
+            {
+                "id": k,
+                "row": x["index"],
+                "turn": len(x["history"]),
+                "image": f"images/{k:05d}.png",
+                "question": f"{said} | {x['prompt']}" if said else x["prompt"],
+                "references": [x["target"]],
+                "captions": {label: replies[label][k] for label in replies},
+            }
+        )
+    write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "data": cfg.data,
+        "split": split,
+        "conversations": len(ds),
+        "turns": len(items),
+        "metrics": table,
+        "notes": notes,
+        "versions": versions(),
+    }
+    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split}, every assistant turn)"
+    write_report(out, title, table, rows, notes, False)
+    _print_table(table)
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} and {out / 'report.html'}")
+    return summary
+
+
+def _turn_scores(got: list[str], targets: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Exact match over every turn; VQA accuracy over the short replies, COCO metrics over the long ones."""
+    scores = {"exact match": vqa_scores(got, [[t] for t in targets])["exact match"]}
+    short = [k for k, t in enumerate(targets) if len(t.split()) <= SHORT]
+    long = [k for k in range(len(targets)) if k not in set(short)]
+    notes = [f"{len(short)} short replies (at most {SHORT} words), {len(long)} long ones."]
+    if short:
+        scores["VQA accuracy (short)"] = vqa_scores([got[k] for k in short], [[targets[k]] for k in short])[
+            "VQA accuracy"
+        ]
+    if long:
+        result = caption_scores({str(k): got[k] for k in long}, {str(k): [targets[k]] for k in long})
+        scores |= {f"{m} (long)": v for m, v in result["scores"].items()}
+        notes += result["notes"]
+    return scores, notes
 
 
 def _sources(ds: Any, column: str) -> list[str | None]:

@@ -143,8 +143,3 @@ def _check_order(turns: list[Turn], training: bool) -> None:
         raise DataError("the conversation ends with a user turn: nothing to train on")
     if not training and talk[-1].role != "user":
         raise DataError("the conversation ends with an assistant turn: nothing to answer")
-
-
-def caption(image: Any, text: str, question: str = "") -> Conversation:
-    """A caption (or a question and its answer) as a one-exchange conversation."""
-    return Conversation((Turn("user", question, 1), Turn("assistant", text)), (image,))

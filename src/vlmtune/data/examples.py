@@ -156,10 +156,6 @@ class CaptionExamples:
         """Each example's target length in characters: a cheap stand-in for tokens, for grouping by length."""
         return [len(t) if isinstance(t, str) else 0 for _, t in self.pairs]
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (self.image_column, self.text_column)
-
     def without_images(self) -> TextOnlyExamples:
         """The same examples, in the same order, with no image decoded (for cached image features)."""
         column = self.prompting.question_column

@@ -1,8 +1,34 @@
-// The page: pick or drop an image, get its caption, ask questions. Talks to /v1/caption and /v1/ask.
+// The page: pick or drop an image, get its caption, then talk about it: each question is sent with the
+// conversation so far (the caption and the earlier answers), one conversation per image. Talks to
+// /v1/caption and /v1/chat/completions.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let image = null; // the File being described
+let conversation = []; // the messages so far about this image, which each question continues
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function chat(messages) {
+  const started = performance.now();
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ model: $("model").value, messages, max_tokens: 40 }),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    throw new Error((body.error && body.error.message) || `${response.status} ${response.statusText}`);
+  }
+  return { answer: body.choices[0].message.content, model: body.model, ms: performance.now() - started };
+}
 
 async function call(path, form) {
   const started = performance.now();
@@ -39,10 +65,17 @@ async function describe(file) {
   $("caption").dataset.state = "busy";
   $("caption-time").textContent = "";
   $("answers").replaceChildren();
+  conversation = [];
   try {
     const body = await call("/v1/caption", request({}));
     $("caption").textContent = body.caption;
     $("caption-time").textContent = timing(body);
+    // The image with an empty question, then its caption: how a conversation about an image starts.
+    const url = await dataUrl(file);
+    conversation = [
+      { role: "user", content: [{ type: "image_url", image_url: { url } }] },
+      { role: "assistant", content: body.caption },
+    ];
     $("question").disabled = $("ask").disabled = false;
   } catch (err) {
     $("caption").textContent = "";
@@ -60,11 +93,14 @@ async function ask(event) {
   const item = document.createElement("li");
   item.innerHTML = '<span class="q"></span><br><strong class="a">…</strong> <span class="time"></span>';
   item.querySelector(".q").textContent = question;
-  $("answers").prepend(item);
+  $("answers").append(item);
+  $("question").value = "";
+  const messages = [...conversation, { role: "user", content: question }];
   try {
-    const body = await call("/v1/ask", request({ question }));
-    item.querySelector(".a").textContent = body.answer;
-    item.querySelector(".time").textContent = timing(body);
+    const reply = await chat(messages);
+    item.querySelector(".a").textContent = reply.answer;
+    item.querySelector(".time").textContent = `${Math.round(reply.ms)} ms (${reply.model})`;
+    conversation = [...messages, { role: "assistant", content: reply.answer }];
   } catch (err) {
     item.remove();
     showError(err);
