@@ -375,3 +375,16 @@ def test_evaluate_scores_every_assistant_turn(tmp_path):
     ]
     assert second["captions"]["base"] == captioner.reply(image, messages, max_new_tokens=40)
     assert "Question:" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_a_list_of_images_is_checked_and_counted_without_decoding(tmp_path):
+    """TRL's `images` column (a list of images a row) is read as bytes by the record checks and the example
+    count, as a single image column is: decoded only when an example is drawn."""
+    import datasets
+
+    from vlmtune.data.checks import raw_images
+
+    source = layouts.write("trl", list(dialogues(2, 0)), tmp_path / "d")
+    ds = datasets.load_from_disk(str(source))
+    cell = raw_images(ds, "images")[0]["images"][0]
+    assert isinstance(cell, dict) and cell["bytes"]

@@ -37,11 +37,16 @@ class BadRecord:
 
 
 def raw_images(dataset: Any, column: str) -> Any:
-    """The image column without decoding (so a broken image is a finding, not a crash)."""
+    """The image column without decoding (so a broken image is a finding, not a crash): one image a row, or
+    a list of them (TRL's `images`)."""
     import datasets
 
-    if isinstance(getattr(dataset, "features", {}).get(column), datasets.Image):
+    feature = getattr(dataset, "features", None)
+    feature = feature.get(column) if feature else None
+    if isinstance(feature, datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):
+        dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))  # List or Sequence
     return dataset
 
 

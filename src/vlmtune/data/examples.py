@@ -164,21 +164,20 @@ class CaptionExamples:
             if column
             else [self.prompting.prompt] * len(self.dataset)
         )
-        return TextOnlyExamples([(i, prompts[i], t) for i, t in self.pairs])
+        return TextOnlyExamples([(i, Dialogue(prompts[i], t)) for i, t in self.pairs])
 
 
 @dataclass
 class TextOnlyExamples:
-    """(index, prompt, target) without decoding any image: for training on cached image features."""
+    """(row, dialogue) examples without decoding any image: for training on cached image features."""
 
-    items: list[tuple[int, str, str]] | list[tuple[int, Dialogue]]  # (row, prompt, target) or (row, dialogue)
+    items: list[tuple[int, Dialogue]]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        i, *item = self.items[k]
-        d = item[0] if len(item) == 1 else Dialogue(*item)
+        i, d = self.items[k]
         return {
             "prompt": d.prompt,
             "target": checked_target(d.target, f"row {i}"),

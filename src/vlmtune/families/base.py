@@ -151,7 +151,8 @@ class Family(ABC):
         history = [tuple(h) for h in history] if history is not None else [()] * len(prompts)
         if self.trains_history:
             return list(prompts), history
-        return [self.fold(h, p) for h, p in zip(history, prompts, strict=True)], [()] * len(prompts)
+        folded = [self.fold(h, p) if h else p for h, p in zip(history, prompts, strict=True)]
+        return folded, [()] * len(prompts)
 
     def encode(
         self,
