@@ -23,6 +23,7 @@ from .data.sources import is_conversation, iter_column, load_dict, pick_split, r
 from .errors import DataError
 from .infer import Captioner
 from .metrics import caption_scores, vqa_scores
+from .modelcard import write_card
 from .report import loss_svg, write_report
 from .rundir import METRICS_FILE, read_run, versions
 
@@ -135,6 +136,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "versions": versions(),
     }
     write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    if cfg.run:
+        write_card(cfg.run)  # the run's model card shows RUN_DIR/eval's scores
     title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split})"
     write_report(
         out, title, table, rows, info["notes"] + [f"Tokenizer: {info['tokenizer']}."], svg is not None
@@ -206,6 +209,8 @@ def _evaluate_conversations(
         "versions": versions(),
     }
     write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    if cfg.run:
+        write_card(cfg.run)  # the run's model card shows RUN_DIR/eval's scores
     title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split}, every assistant turn)"
     write_report(out, title, table, rows, notes, False)
     _print_table(table)

@@ -4,6 +4,7 @@
       adapter_config.json, adapter_model.safetensors   peft's save_pretrained (loads with plain peft)
       processor_config.json, tokenizer*.json           the processor training used
       vlmtune.yaml                                      resolved config, base model, family, versions
+      README.md                                         the model card (the Hub's format; see modelcard.py)
       metrics.jsonl                                     one line per logged step / validation
       samples.jsonl                                     captions generated during training
       tensorboard/                                      the same numbers for TensorBoard

@@ -20,6 +20,7 @@ from ..atomic import write_into
 from ..config import TrainConfig
 from ..errors import DataError, TrainingStopped
 from ..families import Family, to_model
+from ..modelcard import write_card
 from ..rundir import (
     CONFIG_FILE,
     JsonlLog,
@@ -310,6 +311,7 @@ class Session:
             )
 
         write_into(best, write)
+        write_card(best)
 
     def generate(self, inner: Any, examples: list[dict[str, Any]]) -> list[str]:
         batch = self.family.generation_inputs(

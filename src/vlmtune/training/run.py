@@ -17,6 +17,7 @@ import torch
 from ..atomic import write_into
 from ..config import TrainConfig
 from ..families import Family
+from ..modelcard import write_card
 from ..modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
 from ..rundir import (
     METRICS_FILE,
@@ -140,6 +141,7 @@ def train(cfg: TrainConfig) -> Path:
             processor.save_pretrained(tmp)
 
         write_into(run, write)
+        write_card(run)  # in place of peft's empty template
     # Every process returns once the adapter is written, and they take the process group down together.
     accelerator.wait_for_everyone()
     # The DDP wrapper goes before the process group. Its reducer holds the group too, and had it dropped the
