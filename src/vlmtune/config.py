@@ -137,6 +137,13 @@ class TrainConfig:
     log_every: int = opt(10, "optimizer steps between loss log lines")
     sample_every: int = opt(100, "optimizer steps between sample captions (0: only at the end)")
     num_samples: int = opt(2, "images captioned at each sample point")
+    report_to: list[str] = opt(
+        ["tensorboard"],
+        "experiment trackers, comma- or space-separated: tensorboard, mlflow, wandb, trackio, or none",
+    )
+    tracker_project: str = opt(
+        "vlmtune", "the project (W&B, trackio) or experiment (MLflow) runs are logged under"
+    )
 
     def groups(self) -> list[str]:
         """The module groups that train in full: --train-modules, with the older single-group spellings."""
@@ -194,6 +201,22 @@ class ChatConfig:
     system: str = opt("", "a system turn to start each conversation with")
     max_new_tokens: int = opt(40, "longest reply in tokens")
     dtype: Dtype = opt("auto", "weights dtype")
+
+
+@dataclass
+class PushConfig:
+    """Upload a run directory to the Hub as a model repo: the adapter, processor, model card, logs and report."""
+
+    run: str = opt("", "run directory from `vlmtune train`", positional=True)
+    repo_id: str = opt("", "the Hub repo to create or update, as user/name or org/name", positional=True)
+    private: bool = opt(False, "create the repo private (an existing repo keeps its visibility)")
+    revision: str = opt("main", "branch to commit to")
+    message: str | None = opt(None, "commit message (default: what the run trained)")
+    checkpoints: bool = opt(
+        False, "upload checkpoints/ too (optimizer states: large, for resuming elsewhere)"
+    )
+    token: str | None = opt(None, "Hub token (default: HF_TOKEN or the one `hf auth login` saved)")
+    endpoint: str | None = opt(None, "Hub endpoint (default: HF_ENDPOINT, else huggingface.co)")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import tracking
 from .atomic import write_text
 from .config import EvaluateConfig
 from .data.examples import ConversationExamples
@@ -28,6 +29,23 @@ from .report import loss_svg, write_report
 from .rundir import METRICS_FILE, read_run, versions
 
 THUMBNAIL = 256  # pixels, longest side, for the gallery
+
+
+def _record(cfg: EvaluateConfig, out: Path, summary: dict[str, Any]) -> None:
+    """OUTPUT/metrics.json; for a run, its model card and its experiment trackers get the scores too."""
+    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    if not cfg.run:
+        return
+    write_card(cfg.run)  # the card shows RUN_DIR/eval's scores
+    numbers = {
+        f"eval/{k}" if label == "fine-tuned" else f"eval/{label}/{k}": v
+        for label, scores in summary["metrics"].items()
+        for k, v in scores.items()
+        if isinstance(v, (int, float))
+    }
+    names = tracking.log_evaluation(Path(cfg.run), numbers)
+    if names:
+        print(f"scores logged to the run's trackers: {', '.join(names)}")
 
 
 def _split(cfg: EvaluateConfig) -> tuple[str, Any]:
@@ -135,9 +153,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "metric_implementation": f"pycocoevalcap {_version('pycocoevalcap')} (COCO caption evaluation)",
         "versions": versions(),
     }
-    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    if cfg.run:
-        write_card(cfg.run)  # the run's model card shows RUN_DIR/eval's scores
+    _record(cfg, out, summary)
     title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split})"
     write_report(
         out, title, table, rows, info["notes"] + [f"Tokenizer: {info['tokenizer']}."], svg is not None
@@ -208,9 +224,7 @@ def _evaluate_conversations(
         "notes": notes,
         "versions": versions(),
     }
-    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    if cfg.run:
-        write_card(cfg.run)  # the run's model card shows RUN_DIR/eval's scores
+    _record(cfg, out, summary)
     title = f"vlmtune evaluation: {cfg.run or cfg.model} on {cfg.data} ({split}, every assistant turn)"
     write_report(out, title, table, rows, notes, False)
     _print_table(table)

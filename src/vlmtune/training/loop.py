@@ -257,7 +257,8 @@ class Session:
             )
             # TensorBoard buffers its events: they are made as durable as the checkpoint, so a run killed
             # after it shows no gap once resumed.
-            self.accelerator.get_tracker("tensorboard", unwrap=True).flush()
+            if any(t.name == "tensorboard" for t in self.accelerator.trackers):
+                self.accelerator.get_tracker("tensorboard", unwrap=True).flush()
         # No process goes on before the checkpoint is written: after a stop signal the others would exit, and
         # the launcher ends the whole group when one process exits, the writer with it.
         self.accelerator.wait_for_everyone()

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import tracking
 from ..config import Dtype, Quantize, TrainConfig
 from ..errors import ConfigError
 
@@ -48,6 +49,7 @@ def validate_train(cfg: TrainConfig) -> None:
         choices = allowed.__args__
         if getattr(cfg, name) not in choices:
             p.append(f"--{name} must be one of {', '.join(choices)} (got {getattr(cfg, name)!r})")
+    p += tracking.problems(cfg.report_to)
     if cfg.quantize != "none":
         import torch
 

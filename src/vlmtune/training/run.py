@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import tracking
 from ..atomic import write_into
 from ..config import TrainConfig
 from ..families import Family
@@ -60,7 +61,7 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard",
+        log_with=tracking.trackers(cfg.report_to, run, cfg.tracker_project),
         project_dir=str(run),
         # Each process reads its own batches. Accelerate's default for a stream (one process reads, then
         # dispatches) drops the loader's own generator, and the global one it falls back on is dropout's.
@@ -100,10 +101,10 @@ def train(cfg: TrainConfig) -> Path:
         )
         truncate_logs(run, state.step)  # steps logged after the checkpoint are about to be done again
         accelerator.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
-    write_run_config(run, cfg, resolve_model(cfg.model), family.name, str(accelerator.device))
-    # A resumed run does again the steps after its checkpoint: TensorBoard drops what it logged for them before.
-    purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else {}
-    accelerator.init_trackers("tensorboard", init_kwargs=purge)
+    base = resolve_model(cfg.model)
+    write_run_config(run, cfg, base, family.name, str(accelerator.device))
+    hyperparameters = tracking.settings(cfg, base_model=base, family=family.name, processes=n)
+    tracking.start(accelerator, run, hyperparameters, state.step if resume_from is not None else None)
     session = Session(
         accelerator=accelerator,
         model=model,
@@ -174,6 +175,7 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
         METRICS_FILE,
         SAMPLES_FILE,
         "tensorboard",
+        tracking.IDS_FILE,  # the trackers start new runs
         CHECKPOINTS,
         "skipped.jsonl",
     ):
