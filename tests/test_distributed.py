@@ -250,3 +250,54 @@ def test_validation_covers_every_example_once_across_processes(football, tmp_pat
     assert logged[0]["val_loss"] == pytest.approx(
         evaluate_loss(model, family, loader, torch.float32, alone), rel=1e-5
     )
+
+
+def test_a_stream_is_dealt_out_between_processes_and_resumes_bitwise(football, tmp_path):
+    """--streaming with two processes: each keeps its half of the shuffled stream (tested to decode no other in
+    test_stream.py), so the losses follow one process at twice the batch; stopped at a checkpoint and resumed,
+    the two go on with the examples they had not reached and end with the same adapter bit for bit."""
+    import shutil
+
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    rows = load_from_disk(football)["train"].select(range(64))
+    data = str(tmp_path / "train.parquet")
+    rows.to_parquet(data)
+    flags = ["--data", data, "--streaming", "--max-steps", "6", "--shuffle-buffer", "32", "--log-every", "1"]
+    flags += ["--lora-dropout", "0", "--save-every", "3"]
+    full = tmp_path / "two"
+    err = finish(torchrun(football, full, *flags))
+    assert (full / "adapter_model.safetensors").exists(), err[-3000:]
+    logged = [r["loss"] for r in read_jsonl(full / "metrics.jsonl") if "loss" in r]
+
+    single = train(
+        TrainConfig(
+            data=data,
+            output=str(tmp_path / "one"),
+            streaming=True,
+            max_steps=6,
+            shuffle_buffer=32,
+            batch_size=8,
+            model="tiny",
+            sample_every=0,
+            num_samples=0,
+            log_every=1,
+            lr=3e-3,
+            lora_dropout=0.0,
+            seed=3,
+        )
+    )
+    alone = [r["loss"] for r in read_jsonl(single / "metrics.jsonl") if "loss" in r]
+    assert len(logged) == len(alone) == 6
+    # 64 examples, 48 trained: each step's two halves are the one-process batch (the means weigh them alike)
+    assert logged == pytest.approx(alone, rel=0.01)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    (resumed / "adapter_model.safetensors").unlink()
+    err = finish(torchrun(football, resumed, *flags, "--resume", "auto"))
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), err[-3000:]
+    assert [r["loss"] for r in read_jsonl(resumed / "metrics.jsonl") if "loss" in r] == logged

@@ -175,3 +175,37 @@ def test_streaming_with_a_validation_split(football, tmp_path):
     val = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0]
     assert not (run / "skipped.jsonl").exists()
+
+
+def test_each_process_decodes_only_its_share_of_the_stream(football, tmp_path, monkeypatch):
+    """Two processes keep examples 0, 2, 4 ... and 1, 3, 5 ... of the same shuffled stream, decoding no other:
+    together, in step order, the one-process stream; a resumed position skips each process's own share."""
+    import vlmtune.data.stream as stream_module
+
+    rows = load_from_disk(football)["train"].select(range(12))
+    texts = [f"record {i}" for i in range(12)]
+    data = parquet(tmp_path / "train.parquet", list(rows["image"]), texts)
+    decoded = []
+    real = stream_module.as_image
+    monkeypatch.setattr(stream_module, "as_image", lambda *a: decoded.append(1) or real(*a))
+
+    def order(rank, processes, start=0):
+        examples = StreamExamples(
+            load_stream(data, "train", ("image", "text")),
+            shuffle_buffer=8,
+            seed=1,
+            batch_size=2,
+            process=(rank, processes),
+        )
+        examples.position(0, start)
+        decoded.clear()
+        got = [x["target"] for x in examples]
+        return got, len(decoded)
+
+    alone, _ = order(0, 1)
+    assert sorted(alone) == sorted(texts) and alone != texts  # shuffled
+    (first, first_decoded), (second, second_decoded) = order(0, 2), order(1, 2)
+    assert first == alone[0::2] and second == alone[1::2]
+    assert first_decoded == second_decoded == 6  # the other process's six images were never decoded
+    # 8 examples trained over both processes (two steps of 2 x 2): each skips its own first 4
+    assert order(0, 2, start=8)[0] == alone[8::2] and order(1, 2, start=8)[0] == alone[9::2]

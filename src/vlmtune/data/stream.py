@@ -7,6 +7,11 @@ RUN_DIR/skipped.jsonl; the order is a seeded shuffle buffer (`--shuffle-buffer`)
 resumed run skips exactly the examples it had consumed. With `--num-workers N`, `datasets` gives each worker
 its own shards of the stream (files of a hub or parquet dataset; up to 64 shards of a local one), so at most
 as many workers as shards do any work, and the batches depend on the worker count.
+
+With several processes each one reads the stream and keeps every n-th example (the same shuffle in every
+process, process p the examples p, p + n, ...), skipping the others' undecoded: the same examples overall as
+one process, and each step's batches together are the one-process run's batch at n times the size. A process's
+epoch may run out a batch before another's (a bad record, a short last batch); `InStep` ends it for all.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class StreamExamples(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         on_bad: Any = None,
         batch_size: int = 1,
+        process: tuple[int, int] = (0, 1),
     ):
         self.stream, self.image_column, self.text_column = stream, image_column, text_column
         self.prompting = prompting or Prompting()
@@ -62,10 +68,12 @@ class StreamExamples(torch.utils.data.IterableDataset):
             on_bad,
             batch_size,
         )
+        self.rank, self.processes = process  # this process keeps examples rank, rank + processes, ...
         self.epoch, self.start = 0, 0
 
     def position(self, epoch: int, start: int) -> None:
-        """Epoch `epoch`, less its first `start` good examples (whole batches a resumed run trained on)."""
+        """Epoch `epoch`, less its first `start` good examples over all processes (whole batches a resumed run
+        trained on)."""
         self.epoch, self.start = epoch, start
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -80,9 +88,14 @@ class StreamExamples(torch.utils.data.IterableDataset):
         # the loader takes whole batches from the workers in turn, so worker w made batches w, w + n, ...
         worker = torch.utils.data.get_worker_info()
         n, w = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        skip = len(range(w, self.start // self.batch_size, n)) * self.batch_size  # already trained on
+        own = self.start // self.processes  # this process's batches are its share of every step
+        skip = len(range(w, own // self.batch_size, n)) * self.batch_size  # already trained on
+        k = -1
         for r, row in enumerate(self.records()):
             for text in targets_of(row[self.text_column]):
+                k += 1
+                if k % self.processes != self.rank:  # another process's example: not decoded here
+                    continue
                 example = self._example(r, row, text, report=skip == 0)  # replayed bad ones: reported before
                 if example is None:
                     continue
@@ -123,6 +136,26 @@ class StreamExamples(torch.utils.data.IterableDataset):
                 if len(out) >= n:
                     return out
         return out
+
+
+class InStep:
+    """A process's batches of the stream, ending for every process as soon as one has none left: each step of
+    data-parallel training needs a batch from every process (a tiny all-reduce per batch says who has one)."""
+
+    def __init__(self, loader: Any, accelerator: Any):
+        self.loader, self.accelerator = loader, accelerator
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._with_end():
+            have = torch.tensor([batch is not None], dtype=torch.int32, device=self.accelerator.device)
+            if int(self.accelerator.reduce(have, "sum").item()) < self.accelerator.num_processes:
+                return
+            yield batch
+
+    def _with_end(self) -> Iterator[Any]:
+        yield from self.loader
+        while True:  # none left here: say so at each step until the others know too
+            yield None
 
 
 class BadRecordLog:

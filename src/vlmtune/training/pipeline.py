@@ -79,9 +79,10 @@ def batches(
             prompting,
             cfg.seed,
             cfg.shuffle_buffer,
-            # every process reads the whole stream, so one of them reports
-            on_bad=BadRecordLog(run / "skipped.jsonl", cfg.split) if accelerator.is_main_process else None,
+            # each process decodes only its own share of the stream, so each reports its own bad records
+            on_bad=BadRecordLog(run / "skipped.jsonl", cfg.split),
             batch_size=cfg.batch_size,
+            process=(accelerator.process_index, accelerator.num_processes),
         )
     else:
         examples = examples_of(train_set)

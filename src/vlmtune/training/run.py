@@ -17,6 +17,7 @@ import torch
 from .. import tracking
 from ..atomic import write_into
 from ..config import TrainConfig
+from ..data.stream import InStep
 from ..families import Family
 from ..modelcard import write_card
 from ..modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
@@ -72,7 +73,12 @@ def train(cfg: TrainConfig) -> Path:
     load_s = time.perf_counter() - clock
 
     data = batches(cfg, run, accelerator, model, processor, family, dtype, train_set, val_set)
-    data.loader = accelerator.prepare(data.loader)  # from here on, this process's share of each epoch
+    if cfg.streaming and accelerator.num_processes > 1:
+        # The stream already deals each process its share; Accelerate's own sharding would have every
+        # process decode the whole stream and keep 1/n of it.
+        data.loader = InStep(data.loader, accelerator)
+    else:
+        data.loader = accelerator.prepare(data.loader)  # from here on, this process's share of each epoch
     if data.per_epoch is not None:
         data.per_epoch = len(data.loader)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
