@@ -160,3 +160,23 @@ def test_replacing_a_directory_never_leaves_the_target_without_a_complete_versio
     done.set()
     thread.join()
     assert not missing and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_sharded_engines_are_refused_before_the_weights_load(football, tmp_path, monkeypatch):
+    """FSDP and DeepSpeed launches (which Accelerate allows on GPUs only, so none can run here) stop with what
+    to do instead, before the base loads: not a hang at the first save."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    import vlmtune.training.run as run_module
+    from vlmtune.config import ConfigError
+
+    loaded = []
+    monkeypatch.setattr(run_module, "load_base", lambda *a, **k: loaded.append(a))
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self, e=engine: e))
+        with pytest.raises(ConfigError, match=f"asks for {engine.value}.*torchrun"):
+            train(TrainConfig(model="tiny", data=football, output=str(tmp_path / "run"), max_steps=1))
+    assert loaded == []
+    for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        run_module.validate_engine(fine)

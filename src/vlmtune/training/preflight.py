@@ -122,6 +122,26 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(p)
 
 
+def validate_engine(distributed_type: Any) -> None:
+    """Refuse the sharded engines vlmtune has not been proven on, before any weights load.
+
+    Accelerate turns FSDP and DeepSpeed on only for GPU launches (with `--cpu` its `--use_fsdp` runs plain DDP),
+    and no machine here has two GPUs: the adapter save, checkpoints, validation and samples are DDP's (one
+    process writes, each validates its share), which under sharded parameters would write shards or wait on
+    a collective the other processes never join. A clear error now beats a hang after hours of training.
+    """
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            [
+                f"the launcher asks for {name}, which vlmtune does not support yet (untested here: Accelerate "
+                "runs it on GPUs only). Launch data-parallel instead (`accelerate launch --multi_gpu` or "
+                "`torchrun`): the LoRA weights are small, and --quantize 4bit or --gradient-checkpointing fit a "
+                "larger base per GPU."
+            ]
+        )
+
+
 def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None:
     """The checks that need the loaded model: LoRA targets that exist, disk for the checkpoints planned."""
     import difflib

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .loop import Session
 from .pipeline import batches, load_data, process
-from .preflight import validate_against_model, validate_train
+from .preflight import validate_against_model, validate_engine, validate_train
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig) -> Path:
         # dispatches) drops the loader's own generator, and the global one it falls back on is dropout's.
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
+    validate_engine(accelerator.distributed_type)
     clock = time.perf_counter()
     model, processor, family = _load_model(cfg, accelerator)
     load_s = time.perf_counter() - clock
