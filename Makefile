@@ -2,15 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# On these machines `torch==2.13.0` is a CPU build on local disk; elsewhere pip fetches it from PyPI.
-TORCH ?= torch==2.13.0
+# torch with the torchvision built for it (the Qwen-VL processors need torchvision). On these machines both lie
+# on local disk (a CUDA build, which runs on the CPU as well); elsewhere pip fetches them from PyPI.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve chromium clean
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(BIN)/vlmtune
 

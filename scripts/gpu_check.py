@@ -30,6 +30,56 @@ def build_random_blip2(path: Path) -> None:
     build_model("real", path)
 
 
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (the shape only; 3.75B parameters)
+QWEN25_VL_3B = dict(
+    vision_config=dict(
+        depth=32, hidden_size=1280, out_hidden_size=2048, intermediate_size=3420, num_heads=16, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        hidden_act="silu", tokens_per_second=2,
+    ),
+    text_config=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    ),
+)  # fmt: skip
+
+
+def build_random_qwen(path: Path, shape: dict = QWEN25_VL_3B) -> None:
+    """Qwen2.5-VL at `shape` with random weights, saved as a checkpoint directory, with the tests' Qwen-kind
+    tokenizer (real special tokens and chat template; a small vocabulary inside the real one) and a 14-pixel
+    image processor at the real limits (up to 1280 tokens an image; the run caps them with --max-pixels)."""
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_families import QWEN2_VL_TEMPLATE, corpus
+    from vlmtune.tiny import qwen_tokenizer
+
+    tok = qwen_tokenizer(corpus())
+    ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
+    text = dict(
+        shape["text_config"], eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id, bos_token_id=None
+    )
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=shape["vision_config"],
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    images = transformers.Qwen2VLImageProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+    )
+    videos = transformers.Qwen2VLVideoProcessor()
+    transformers.Qwen2_5_VLProcessor(
+        image_processor=images, tokenizer=tok, video_processor=videos, chat_template=QWEN2_VL_TEMPLATE
+    ).save_pretrained(path)
+
+
 def in_memory_splits(n_train: int = 64, n_val: int = 16):
     """The drawn football scenes as lists of rows (this machine may lack `datasets`; the loop needs only rows)."""
     from vlmtune.data.synthetic import examples
@@ -38,7 +88,7 @@ def in_memory_splits(n_train: int = 64, n_val: int = 16):
     return rows(n_train, 0), rows(n_val, 1)
 
 
-def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size: int) -> dict:
+def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size: int, **extra) -> dict:
     import vlmtune.training.pipeline as pipeline
     import vlmtune.training.run as finetune
     from vlmtune.config import TrainConfig
@@ -59,6 +109,7 @@ def train_once(model_dir: Path, out: Path, quantize: str, steps: int, batch_size
         sample_every=0,
         num_samples=2,
         overwrite=True,
+        **extra,
     )
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -173,7 +224,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vlmtune-gpu"))
     ap.add_argument(
-        "--only", choices=["survive"], help="just the checkpoint / resume / fp16 checks (tiny model)"
+        "--only",
+        choices=["survive", "qwen"],
+        help="survive: the checkpoint / resume / fp16 checks (tiny model); qwen: Qwen2.5-VL-3B's shape",
     )
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -186,6 +239,16 @@ def main() -> None:
 
     if args.only == "survive":
         result["survive"] = survive_checks(args.work)
+        save()
+        return
+    if args.only == "qwen":
+        model_dir = args.work / "qwen2.5-vl-3b-random"
+        build_random_qwen(model_dir)
+        # 224 x 224 football scenes at up to 512 x 512 pixels: 64 image tokens each, ~100 tokens an example
+        qwen = dict(max_pixels=512 * 512, max_length=128, prompt="Describe this image.")
+        result["qwen_bf16_lora"] = train_once(model_dir, args.work / "run-qwen", "none", 30, 4, **qwen)
+        save()
+        result["qwen_caption_bf16"] = caption_speed(args.work / "run-qwen")
         save()
         return
     model_dir = args.work / "blip2-opt-2.7b-random"

@@ -51,7 +51,7 @@ def train_args(model: str, data: str, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--model", model, "--data", data, "--output", str(out), "--epochs", "40", "--batch-size", "4",
         "--lr", "1e-2", "--lora-r", "8", "--lora-dropout", "0", "--sample-every", "0", "--log-every", "1",
-        "--max-length", "32", *extra,
+        "--max-length", "48", *extra,
     ]  # fmt: skip
 
 
@@ -117,7 +117,10 @@ def test_encode_trains_exactly_the_target_and_the_end_token(kind, checkpoints):
             labels = got["labels"][0][got["labels"][0] != IGNORE_INDEX].tolist()
             assert (labels[-1] == family.end_token_id) == whole, (prompt, caption, budget)
     # A target cut by max_length gets no end token: the model never learns to stop mid-sentence.
-    long = family.encode(processor, images[:1], [""], ["a player " * 40], max_length=12, padding_side="right")
+    budget = family.text_tokens(processor, "", "a") + 8  # the prompt (a chat template's too) and 8 more
+    long = family.encode(
+        processor, images[:1], [""], ["a player " * 40], max_length=budget, padding_side="right"
+    )
     cut = long["labels"][0][long["labels"][0] != IGNORE_INDEX].tolist()
     assert cut and not family.end_token_ids & set(cut)
     # Generation inputs carry no labels and are left-padded, so generation continues each prompt.
@@ -160,6 +163,9 @@ def plain_captions(model, processor, family, paths: list[Path], prompt: str) -> 
     """Plain transformers: processor(images, text) -> the model's own generate -> decode up to the end token,
     in one batch as `vlmtune caption` runs it (the same prompt: no padding)."""
     images = [Image.open(p).convert("RGB") for p in paths]
+    if getattr(processor, "chat_template", None):  # a chat model is prompted through its template
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False).tolist()
     if not model.config.get_text_config().is_encoder_decoder:

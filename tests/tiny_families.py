@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.data.synthetic import examples
-from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, t5_tokenizer
+from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, qwen_tokenizer, t5_tokenizer
 
 IMAGE = 32  # pixels: 16 patches of 8
 VISION = dict(
@@ -196,11 +196,81 @@ def build_blip(out: Path) -> Path:
     return _save(model, processor, out)
 
 
+# The chat template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct ship (their chat_template.json), verbatim.
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
+    "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string "
+    "%}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if "
+    "content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = "
+    "image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif "
+    "%}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content "
+    "%}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value "
+    "}}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ "
+    "content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt "
+    "%}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
+    """Qwen2-VL / Qwen2.5-VL: 8-pixel patches merged 2 x 2, so a 32 x 32 image gives 4 image tokens (a larger
+    one more), between the real special tokens, with the real chat template."""
+    import transformers
+
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[kind]
+    tok = qwen_tokenizer(corpus())
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}  # fmt: skip
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2)
+    if kind == "qwen2_5_vl":  # its own names: hidden_size is the tower's width, out_hidden_size the merger's
+        vision = dict(
+            vision, hidden_size=32, out_hidden_size=32, intermediate_size=64, fullatt_block_indexes=[1]
+        )
+        vision["window_size"] = 32
+    config = getattr(transformers, f"{names}Config")(
+        vision_config=dict(vision, temporal_patch_size=2, mlp_ratio=2, initializer_range=0.02),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            # head_dim 16: 8 rotary frequencies, split between time, height and width
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,  # Qwen adds none
+            initializer_range=0.2,  # see LOGIT_RANGE
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{names}ForConditionalGeneration")(config)
+    images = transformers.Qwen2VLImageProcessor(
+        patch_size=8,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+    )
+    videos = transformers.Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2)
+    processor = getattr(transformers, f"{names}Processor")(
+        image_processor=images, tokenizer=tok, video_processor=videos, chat_template=QWEN2_VL_TEMPLATE
+    )
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
     "instructblip-t5": lambda out: build_instructblip(out, "t5"),
     "blip": build_blip,
+    "qwen2-vl": build_qwen_vl,
+    "qwen2.5-vl": lambda out: build_qwen_vl(out, "qwen2_5_vl"),
 }
 
 

@@ -80,6 +80,15 @@ class TrainConfig:
     max_length: int = opt(
         64, "most text tokens per example (prompt + caption + end); longer captions are cut"
     )
+    min_pixels: int | None = opt(
+        None,
+        "dynamic-resolution families (Qwen-VL): fewest pixels an image is resized to (default: the processor's)",
+    )
+    max_pixels: int | None = opt(
+        None,
+        "dynamic-resolution families (Qwen-VL): most pixels an image is resized to, so fewer image tokens and "
+        "less memory (e.g. 401408 = 512 x 784; default: the processor's)",
+    )
     # LoRA
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
@@ -272,6 +281,8 @@ class DataCheckConfig:
     images_column: str = opt("images", "conversation data: column holding each record's images")
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(64, "token budget per caption: longer ones are counted as cut")
+    min_pixels: int | None = opt(None, "as train's --min-pixels: image tokens are counted at it")
+    max_pixels: int | None = opt(None, "as train's --max-pixels: image tokens are counted at it")
     model: str = opt("tiny", "whose tokenizer counts caption tokens (hub id, directory or 'tiny')")
 
 

@@ -78,3 +78,42 @@ def bert_tokenizer(texts: list[str], vocab_size: int = 300):
         mask_token="[MASK]",
         bos_token="[DEC]",
     )
+
+
+def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
+    """Qwen2's layout: byte-level BPE with no BOS, `<|endoftext|>` (padding, the base's end), the chat markers
+    `<|im_start|>` / `<|im_end|>` (an instruct model's end of turn) and the vision placeholders."""
+    from transformers import Qwen2TokenizerFast
+
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    # the words a chat template writes around every turn: a real Qwen vocabulary spends a token on each
+    texts = [*texts, *["system\nYou are a helpful assistant.\nuser\nassistant\nDescribe this image.\n"] * 50]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    out = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+    )
+    out.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return out

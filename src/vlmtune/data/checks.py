@@ -238,6 +238,18 @@ def _stats(values: list[float]) -> str:
     return f"min {min(values):g}, median {statistics.median(values):g}, max {max(values):g}"
 
 
+def _image_tokens(family: Any, processor: Any, sizes: list) -> str | None:
+    """Image tokens per image, as the family's processor resizes them (None where the count never varies)."""
+    counts: dict[tuple[int, int], int | None] = {}
+    for w, h, _ in sizes:
+        if (w, h) not in counts:
+            counts[(w, h)] = family.image_tokens(processor, w, h)
+    per_image = [counts[(w, h)] for w, h, _ in sizes]
+    if not per_image or per_image[0] is None:
+        return None
+    return _stats(per_image)
+
+
 def check(cfg: DataCheckConfig) -> dict[str, Any]:
     """`vlmtune data check`: load every record as training would; print a summary and every bad record."""
     from ..modeling import load_processor, resolve_model
@@ -250,6 +262,8 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
 
     processor = load_processor(resolve_model(cfg.model))
     family = family_for(load_config(cfg.model))
+    if cfg.min_pixels or cfg.max_pixels:
+        family.set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     print(f"{cfg.data}: detected {kind}; splits: {', '.join(f'{k} ({len(v)})' for k, v in loaded.items())}")
     summary: dict[str, Any] = {"format": kind, "splits": {}}
     for name in [cfg.split] if cfg.split else list(loaded):
@@ -274,12 +288,21 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
             "modes": dict(Counter(m for _, _, m in sizes)),
             "bad": bad_as_dicts(bad),
         }
+        tokens = _image_tokens(family, processor, sizes)
+        if tokens is not None:
+            s["image_tokens"] = tokens
         summary["splits"][name] = s
         print(f"\nsplit {name!r}: {s['records']} records, {s['captions']} captions")
         for key in ("captions_per_image", "caption_tokens", "width", "height"):
             print(f"  {key.replace('_', ' ')}: {s[key]}")
         print(f"  over --max-length {cfg.max_length} tokens (would be cut): {s['truncated_at_max_length']}")
         print(f"  image modes: {s['modes']}")
+        if tokens is not None:
+            size = processor.image_processor.size
+            print(
+                f"  image tokens per image: {tokens} (images resized to {size['shortest_edge']}.."
+                f"{size['longest_edge']} pixels: --min-pixels / --max-pixels)"
+            )
         print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
     print(
         f"\n(caption lengths counted as {family.name} training counts them, with the tokenizer of {cfg.model})"

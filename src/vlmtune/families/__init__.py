@@ -9,8 +9,9 @@ from .blip import Blip
 from .blip2 import Blip2
 from .blip2_t5 import Blip2T5
 from .instructblip import InstructBlip
+from .qwen_vl import QwenVL
 
-FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip)
+FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL)
 
 
 def family_for(config: Any) -> Family:

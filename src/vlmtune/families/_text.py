@@ -57,16 +57,17 @@ def assemble(
     end_id: int,
     pad_id: int,
     max_length: int,
-    image_tokens: int,
+    image_tokens: int | list[int],
     padding_side: str,
     prompt_labels: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The batch for prompts already tokenised with their image tokens (`image_tokens` of them per row, not
-    counted against `max_length`), and their targets tokenised without special tokens (None: generation).
+    """The batch for prompts already tokenised with their image tokens (`image_tokens` of them per row, or a
+    count for each row, not counted against `max_length`), and their targets tokenised without special tokens (None: generation).
     `prompt_labels` (decoder-only): the prompt side's labels where a dialogue's earlier replies train."""
     rows, labels = [], []
+    per_row = image_tokens if isinstance(image_tokens, list) else [image_tokens] * len(prompt_ids)
     for k, ids in enumerate(prompt_ids):
-        text = len(ids) - image_tokens
+        text = len(ids) - per_row[k]
         room = max_length if encoder_decoder else max_length - text
         if text > max_length or (target_ids is not None and room < 1):
             raise ValueError(

@@ -128,6 +128,18 @@ class Family(ABC):
         the modules after it run each step), or None (no cache)."""
         return None, f"{self.name} takes no precomputed image features"
 
+    # --- images -----------------------------------------------------------------------------------------
+
+    dynamic_resolution = False  # whether images keep their own size (and give a varying number of tokens)
+
+    def set_pixels(self, processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Resize images to between `min_pixels` and `max_pixels` (families with `dynamic_resolution`)."""
+        raise ValueError(f"{self.name} resizes every image to one size; --min/max-pixels do not apply")
+
+    def image_tokens(self, processor: Any, width: int, height: int) -> int | None:
+        """How many tokens an image of this size gives the language model (None: the family does not vary)."""
+        return None
+
     # --- prompts and inputs -----------------------------------------------------------------------------
 
     def format_question(self, question: str, template: str | None = None) -> str:

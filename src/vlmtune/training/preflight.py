@@ -71,6 +71,11 @@ def validate_train(cfg: TrainConfig) -> None:
     except (ModelLoadError, ValueError) as e:
         p.append(f"--model: {e}")
     else:
+        if (cfg.min_pixels or cfg.max_pixels) and not family.dynamic_resolution:
+            p.append(
+                f"--min-pixels / --max-pixels: {family.name} resizes every image to one size; they apply to "
+                "dynamic-resolution families (qwen-vl)"
+            )
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
@@ -78,6 +83,11 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--train-modules {', '.join(unknown)}: {family.name} has no such module group; its groups: "
                 f"{offered}"
             )
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels:
+        p.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
     if cfg.dtype == "float16" and not torch.cuda.is_available():
         p.append("--dtype float16 needs a CUDA GPU; on the CPU use float32 (or bfloat16)")
     if cfg.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

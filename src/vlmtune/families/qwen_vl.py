@@ -1,0 +1,80 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT over 14-pixel patches at the image's own resolution, a patch
+merger (2 x 2 patches -> one token of the language model's width), and a Qwen language model with 3-D rotary
+positions (time, height, width) for image tokens.
+
+An image gives a variable number of tokens: the image processor resizes it to multiples of patch x merge
+within `min_pixels`..`max_pixels` (the processor's `size`: `shortest_edge` / `longest_edge`, in pixels), and
+the model fills `grid_t * grid_h * grid_w / merge**2` placeholders `<|image_pad|>` between
+`<|vision_start|>` and `<|vision_end|>`. The processor expands the one placeholder the chat template writes;
+`image_grid_thw` travels with the batch, since the positions are computed from it. The conversation is the
+chat template's (`_chat.py`); a reply ends with `<|im_end|>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._chat import ChatFamily
+
+LANGUAGE_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class QwenVL(ChatFamily):
+    name = "qwen-vl"
+    hub_ids = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+    model_types = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL (its template, deepstack mergers) is not in yet
+    groups = {
+        "projector": "the patch merger (vision -> language width)",
+        "vision": "the vision tower's patch embedding and blocks",
+    }
+    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
+    cache = "none yet (features vary in length with the image and need its grid)"
+    memory = "Qwen2.5-VL-3B: ~10 GiB bf16 LoRA at batch 4 and 512x512 images (estimate, not measured)"
+    image_token = "<|image_pad|>"
+    end_of_turn = "<|im_end|>"
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    def lora_target_modules(self) -> str:
+        return LANGUAGE_LORA
+
+    def group_modules(self, group: str) -> list[str]:
+        # peft saves whole modules, not a ModuleList: the tower is its patch embedding and each block
+        blocks = [f"blocks.{i}" for i in range(self.config.vision_config.depth)]
+        return {"projector": ["merger"], "vision": ["patch_embed", *blocks]}[group]
+
+    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
+        tower = {"vision": ["patch_embed", "blocks"], "projector": ["merger"]}
+        return [m for g, names in tower.items() if g not in groups for m in names]
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # which tokens are an image's (1; a video's would be 2): the 3-D positions are laid out from them
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
+    dynamic_resolution = True
+
+    def set_pixels(self, processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+        size = dict(processor.image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels  # the processor's names: a pixel count, not an edge
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        processor.image_processor.size = size
+
+    def image_tokens(self, processor: Any, width: int, height: int) -> int:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        images = processor.image_processor
+        factor = images.patch_size * images.merge_size
+        size = images.size
+        h, w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+        return (h // factor) * (w // factor)
+
+    def image_token_count(self, image_inputs: dict[str, Any]) -> int:
+        merge = self.config.vision_config.spatial_merge_size
+        return int(image_inputs["image_grid_thw"].prod()) // merge**2

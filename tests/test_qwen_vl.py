@@ -1,0 +1,141 @@
+"""Qwen2-VL / Qwen2.5-VL beyond the family contract: labels from the real chat template, image tokens that vary
+with the image and are checked against it, --min/max-pixels honoured and reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+
+from tiny_families import build_qwen_vl
+from vlmtune.config import DataCheckConfig, TrainConfig
+from vlmtune.data.checks import check
+from vlmtune.errors import ConfigError
+from vlmtune.families import IGNORE_INDEX, family_for
+from vlmtune.training.run import train
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = build_qwen_vl(tmp_path_factory.mktemp("qwen") / "qwen2-vl")
+    return str(path), family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
+
+
+def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(qwen):
+    _, family, processor = qwen
+    tok = processor.tokenizer
+    image = Image.new("RGB", (32, 48), (200, 30, 30))
+    history = [("What is in the picture?", "a red ball"), ("Where is it?", "on the left")]
+    batch = family.encode(
+        processor,
+        [image],
+        ["What colour is it?"],
+        ["red"],
+        max_length=200,
+        padding_side="right",
+        history=[history],
+    )
+    turns = [*history, ("What colour is it?", "red")]
+    rendered = processor.apply_chat_template(family.messages(turns), tokenize=False)
+    # the processor's own ids for the whole rendered dialogue (its image tokens expanded by the processor),
+    # less the newline the template writes after the last end of turn
+    ref = processor(images=[image], text=[rendered], return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == ref["input_ids"][0].tolist()[:-1]
+    assert batch["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+    assert batch["mm_token_type_ids"][0].tolist() == ref["mm_token_type_ids"][0].tolist()[:-1]
+    labels = batch["labels"][0]
+    trained = labels != IGNORE_INDEX
+    spans, start = [], None  # the trained runs of positions
+    for i, t in enumerate(trained.tolist() + [False]):
+        if t and start is None:
+            start = i
+        elif not t and start is not None:
+            spans.append(tok.decode(labels[start:i]))
+            start = None
+    assert spans == ["a red ball<|im_end|>", "on the left<|im_end|>", "red<|im_end|>"]
+    # system, user turns, image and the assistant headers are never trained
+    assert "You are a helpful assistant" not in "".join(spans)
+
+
+def test_image_tokens_follow_the_image_size_and_are_checked_against_it(qwen):
+    _, family, processor = qwen
+    small, wide = Image.new("RGB", (32, 32)), Image.new("RGB", (64, 32))
+    batch = family.encode(processor, [small, wide], ["", ""], ["a", "b"], max_length=64, padding_side="right")
+    counts = (batch["input_ids"] == family.image_token_id).sum(dim=1).tolist()
+    assert counts == [4, 8] == [family.image_tokens(processor, *im.size) for im in (small, wide)]
+    # a processor that merges differently from the model's config: refused before any step, saying why
+    other = AutoProcessor.from_pretrained(qwen[0])
+    other.image_processor.merge_size = 1
+    with pytest.raises(ValueError, match="the text holds 16 image tokens but the image gives 4"):
+        family.encode(other, [small], [""], ["a"], max_length=64, padding_side="right")
+
+
+def test_max_pixels_is_honoured_saved_and_reported(qwen, tmp_path, capsys):
+    path, family, processor = qwen
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)] * 4):
+        Image.new("RGB", (128, 128), colour).save(folder / f"{i}.png")
+        lines.append(
+            json.dumps({"file_name": f"{i}.png", "text": "a red ball" if i % 2 == 0 else "a blue ball"})
+        )
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    full = check(DataCheckConfig(data=str(folder), model=path, max_length=64))
+    limited = check(DataCheckConfig(data=str(folder), model=path, max_length=64, max_pixels=32 * 32))
+    # 128 x 128 is over the tiny processor's own limit (64 x 64 pixels, 16 tokens of 16 x 16); 32 x 32 at 1024
+    assert full["splits"]["train"]["image_tokens"] == "min 16, median 16, max 16"
+    assert limited["splits"]["train"]["image_tokens"] == "min 4, median 4, max 4"
+    assert "image tokens per image: min 4, median 4, max 4" in capsys.readouterr().out
+
+    run = train(
+        TrainConfig(
+            model=path,
+            data=str(folder),
+            output=str(tmp_path / "run"),
+            max_steps=1,
+            batch_size=2,
+            max_pixels=32 * 32,
+            sample_every=0,
+            num_samples=0,
+        )
+    )
+    saved = AutoProcessor.from_pretrained(run)  # what caption, serve and evaluate load with the run
+    assert saved.image_processor.size["longest_edge"] == 32 * 32
+    assert family.image_tokens(saved, 128, 128) == 4
+
+    with pytest.raises(ConfigError, match="--min-pixels 4096 is over --max-pixels 1024"):
+        train(TrainConfig(model=path, data=str(folder), min_pixels=4096, max_pixels=1024))
+
+
+def test_the_gpu_checks_real_size_builder_makes_a_checkpoint_vlmtune_loads(tmp_path):
+    """scripts/gpu_check.py --only qwen builds Qwen2.5-VL-3B's shape; here at a small shape with the same code."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlmtune.modeling import load_base
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", script)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    small = {
+        "vision_config": dict(gpu_check.QWEN25_VL_3B["vision_config"], depth=2, hidden_size=32, out_hidden_size=32,
+                              intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
+        "text_config": dict(gpu_check.QWEN25_VL_3B["text_config"], vocab_size=1000, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+    }  # fmt: skip
+    gpu_check.build_random_qwen(tmp_path / "qwen", small)
+    model, processor, family = load_base(str(tmp_path / "qwen"), "float32", "none", torch.device("cpu"))
+    assert family.name == "qwen-vl" and type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    batch = family.encode(processor, [Image.new("RGB", (224, 224))], ["Describe."], ["a ball"], max_length=64,
+                          padding_side="right")  # fmt: skip
+    assert (
+        batch["input_ids"] == family.image_token_id
+    ).sum() == 64  # 224 / 14 = 16 patches a side, 2 x 2 merged
+    assert model(**batch).loss.isfinite()
