@@ -11,21 +11,22 @@ from collections import Counter
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 
+def _byte_level_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained on `texts`, `specials` first in its vocabulary (ids 0, 1, ...)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
 def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
     """OPT's layout: <s>=0, <pad>=1, </s>=2 (also BOS, put before every text), <unk>=3; <image> added."""
     from transformers import GPT2TokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    tok = _byte_level_bpe(texts, vocab_size, ["<s>", "<pad>", "</s>", "<unk>"])
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     out = GPT2TokenizerFast(
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -97,17 +98,7 @@ def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
     ]
     # the words a chat template writes around every turn: a real Qwen vocabulary spends a token on each
     texts = [*texts, *["system\nYou are a helpful assistant.\nuser\nassistant\nDescribe this image.\n"] * 50]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    tok = _byte_level_bpe(texts, vocab_size, specials)
     out = Qwen2TokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
