@@ -80,6 +80,59 @@ def build_random_qwen(path: Path, shape: dict = QWEN25_VL_3B) -> None:
     ).save_pretrained(path)
 
 
+# google/gemma-3-4b-it's config.json (the shape only; 4.3B parameters)
+GEMMA3_4B = dict(
+    vision_config=dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+        num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False,
+    ),
+    text_config=dict(
+        vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+    ),
+    mm_tokens_per_image=256,
+)  # fmt: skip
+
+
+def build_random_gemma(path: Path, shape: dict = GEMMA3_4B) -> None:
+    """Gemma 3 at `shape` with random weights, saved as a checkpoint directory, with the tests' Gemma-kind
+    tokenizer (real special tokens and chat template) and an 896-pixel image processor."""
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_families import GEMMA3_TEMPLATE, corpus
+    from vlmtune.tiny import gemma_tokenizer
+
+    tok = gemma_tokenizer(corpus())
+    ids = tok.convert_tokens_to_ids
+    config = transformers.Gemma3Config(
+        vision_config=shape["vision_config"],
+        text_config=dict(
+            shape["text_config"], pad_token_id=0, eos_token_id=[1, ids("<end_of_turn>")], bos_token_id=2
+        ),
+        mm_tokens_per_image=shape["mm_tokens_per_image"],
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = transformers.Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    size = shape["vision_config"]["image_size"]
+    images = transformers.Gemma3ImageProcessor(size={"height": size, "width": size})
+    transformers.Gemma3Processor(
+        image_processor=images,
+        tokenizer=tok,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=shape["mm_tokens_per_image"],
+    ).save_pretrained(path)
+
+
 def in_memory_splits(n_train: int = 64, n_val: int = 16):
     """The drawn football scenes as lists of rows (this machine may lack `datasets`; the loop needs only rows)."""
     from vlmtune.data.synthetic import examples
@@ -225,8 +278,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/vlmtune-gpu"))
     ap.add_argument(
         "--only",
-        choices=["survive", "qwen"],
-        help="survive: the checkpoint / resume / fp16 checks (tiny model); qwen: Qwen2.5-VL-3B's shape",
+        choices=["survive", "qwen", "gemma"],
+        help="survive: the checkpoint / resume / fp16 checks (tiny model); qwen / gemma: Qwen2.5-VL-3B's or "
+        "Gemma-3-4B's shape",
     )
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -249,6 +303,15 @@ def main() -> None:
         result["qwen_bf16_lora"] = train_once(model_dir, args.work / "run-qwen", "none", 30, 4, **qwen)
         save()
         result["qwen_caption_bf16"] = caption_speed(args.work / "run-qwen")
+        save()
+        return
+    if args.only == "gemma":
+        model_dir = args.work / "gemma-3-4b-random"
+        build_random_gemma(model_dir)
+        gemma = dict(max_length=96, prompt="Describe this image.")
+        result["gemma_bf16_lora"] = train_once(model_dir, args.work / "run-gemma", "none", 30, 4, **gemma)
+        save()
+        result["gemma_caption_bf16"] = caption_speed(args.work / "run-gemma")
         save()
         return
     model_dir = args.work / "blip2-opt-2.7b-random"

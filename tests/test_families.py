@@ -163,10 +163,13 @@ def plain_captions(model, processor, family, paths: list[Path], prompt: str) -> 
     """Plain transformers: processor(images, text) -> the model's own generate -> decode up to the end token,
     in one batch as `vlmtune caption` runs it (the same prompt: no padding)."""
     images = [Image.open(p).convert("RGB") for p in paths]
+    kwargs = {}
     if getattr(processor, "chat_template", None):  # a chat model is prompted through its template
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+        # the rendered template holds its special tokens (Gemma's <bos>); one image list per text
+        images, kwargs = [[image] for image in images], {"add_special_tokens": False}
+    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", **kwargs)
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False).tolist()
     if not model.config.get_text_config().is_encoder_decoder:
         # the prompt comes back too (BLIP's generate drops the last prompt token, its [SEP])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.data.synthetic import examples
-from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, qwen_tokenizer, t5_tokenizer
+from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, gemma_tokenizer, qwen_tokenizer, t5_tokenizer
 
 IMAGE = 32  # pixels: 16 patches of 8
 VISION = dict(
@@ -264,6 +264,72 @@ def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
     return _save(model, processor, out)
 
 
+# The chat template of google/gemma-3-*-it, as transformers' own Gemma 3 processor tests carry it.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- set first_user_prefix = "
+    "messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- set loop_messages = messages[1:] -%}\n{%- else "
+    '-%}\n    {%- set first_user_prefix = "" -%}\n    {%- set loop_messages = messages -%}\n{%- endif '
+    "-%}\n{%- for message in loop_messages -%}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 "
+    '== 0) -%}\n        {{ raise_exception("Conversation roles must alternate '
+    "user/assistant/user/assistant/...\") }}\n    {%- endif -%}\n    {%- if (message['role'] == 'assistant') "
+    "-%}\n        {%- set role = \"model\" -%}\n    {%- else -%}\n        {%- set role = message['role'] "
+    "-%}\n    {%- endif -%}\n    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "
+    "\"\") }}\n    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n    "
+    "{%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n            "
+    "{%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n            {%- elif "
+    "item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n            {%- endif -%}\n        "
+    '{%- endfor -%}\n    {%- else -%}\n        {{ raise_exception("Invalid content type") }}\n    {%- endif '
+    "-%}\n    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    "
+    "{{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
+
+
+def build_gemma3(out: Path) -> Path:
+    """Gemma 3: a 32-pixel SigLIP over 8-pixel patches, pooled 2 x 2 to 4 image tokens, sliding and full
+    attention layers, the real special tokens and chat template."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    tok = gemma_tokenizer(corpus())
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=64,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=[1, tok.convert_tokens_to_ids("<end_of_turn>")],
+            bos_token_id=2,
+            initializer_range=0.2,  # see LOGIT_RANGE
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(VISION, model_type="siglip_vision_model", vision_use_head=False),
+        mm_tokens_per_image=4,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    images = Gemma3ImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    processor = Gemma3Processor(
+        image_processor=images, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4
+    )
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -271,6 +337,7 @@ BUILDERS = {
     "blip": build_blip,
     "qwen2-vl": build_qwen_vl,
     "qwen2.5-vl": lambda out: build_qwen_vl(out, "qwen2_5_vl"),
+    "gemma-3": build_gemma3,
 }
 
 

@@ -108,3 +108,43 @@ def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
     )
     out.add_special_tokens({"additional_special_tokens": specials[1:]})
     return out
+
+
+def gemma_tokenizer(texts: list[str], vocab_size: int = 400):
+    """Gemma 3's layout: <pad>=0, <eos>=1, <bos>=2 (put before every text), <unk>=3, the turn markers
+    `<start_of_turn>` / `<end_of_turn>` (an instruct model's end of turn) and the image markers the processor
+    reads as `boi_token`, `eoi_token` and `image_token`."""
+    from transformers import GemmaTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    images = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    texts = [*texts, *["user\nmodel\nDescribe this image.\n\n"] * 50]
+    # SentencePiece's kind, as GemmaTokenizer lays it out: spaces as "▁", bytes as <0xNN> for what the
+    # vocabulary lacks
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    alphabet = sorted({c for t in texts for c in t.replace(" ", "▁")})
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 256,
+        special_tokens=specials + list(images.values()) + byte_tokens,
+        initial_alphabet=alphabet,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    out = GemmaTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        extra_special_tokens=images,
+    )
+    out.add_special_tokens({"additional_special_tokens": specials[4:] + list(images.values())})
+    return out

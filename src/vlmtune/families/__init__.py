@@ -8,10 +8,11 @@ from .base import IGNORE_INDEX, Family, to_model, unwrap
 from .blip import Blip
 from .blip2 import Blip2
 from .blip2_t5 import Blip2T5
+from .gemma3 import Gemma3
 from .instructblip import InstructBlip
 from .qwen_vl import QwenVL
 
-FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL)
+FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL, Gemma3)
 
 
 def family_for(config: Any) -> Family:

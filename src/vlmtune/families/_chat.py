@@ -38,7 +38,9 @@ class ChatFamily(Family):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        self.image_token_id: int = config.image_token_id
+        # the id the model fills with image features (transformers names it either way, by family)
+        found = getattr(config, "image_token_id", None)
+        self.image_token_id: int = found if found is not None else config.image_token_index
         self.end_of_turn_id: int | None = None  # known once a processor is seen (`bind`): configs lack it
 
     def bind(self, processor: Any) -> None:
@@ -130,12 +132,16 @@ class ChatFamily(Family):
         for k, image in enumerate(images):
             target = targets[k] if targets is not None else None
             pieces = self.pieces(processor, layout.history[k], prompts[k], target)
-            # The first piece holds the image placeholder: the processor expands it, from this image.
-            first = processor(images=[image], text=[pieces[0][1]], return_tensors="pt")
+            # The first piece holds the image placeholder: the processor expands it, from this image. The
+            # template writes the special tokens it wants (Gemma's <bos>): the tokenizer adds none of its own.
+            first = processor(
+                images=[image], text=[pieces[0][1]], return_tensors="pt", add_special_tokens=False
+            )
             ids, labels = first["input_ids"][0].tolist(), []
             labels = [IGNORE_INDEX] * len(ids)
             for name in processor.image_processor.model_input_names:  # pixels, and grids or masks
-                image_inputs.setdefault(name, []).append(first[name])
+                if name in first:
+                    image_inputs.setdefault(name, []).append(first[name])
             for kind, text in pieces[1:]:
                 piece = tok(text, add_special_tokens=False)["input_ids"]
                 if kind == "target":
@@ -187,9 +193,19 @@ class ChatFamily(Family):
         self.bind(processor)
         tok = processor.tokenizer
         pieces = self.pieces(processor, history, prompt, target)
-        text = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for _, t in pieces)
-        placeholders = sum(t.count(self.image_token) for _, t in pieces)  # one token each, not counted
-        return text - placeholders + 1  # + the target's end of turn
+        rest = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for _, t in pieces[1:])
+        return self._context_tokens(processor, pieces[0][1]) + rest + 1  # + the target's end of turn
+
+    def _context_tokens(self, processor: Any, text: str) -> int:
+        """Text tokens of the first piece as `encode_batch` lays it out: through the processor, which may
+        write text around each image (Gemma's blank lines and end-of-image marker), image tokens left out.
+        Any image gives the same count of them, so one blank image stands in; kept per text."""
+        cache = self.__dict__.setdefault("_context_cache", {})
+        if text not in cache:
+            blank = Image.new("RGB", (64, 64))
+            ids = processor(images=[blank], text=[text], add_special_tokens=False)["input_ids"][0]
+            cache[text] = sum(1 for i in ids if i != self.image_token_id)
+        return cache[text]
 
     def language_model(self, model: Any) -> Any:
         return unwrap(model).model.language_model

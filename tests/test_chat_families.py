@@ -1,5 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL beyond the family contract: labels from the real chat template, image tokens that vary
-with the image and are checked against it, --min/max-pixels honoured and reported."""
+"""The chat-template families beyond the family contract (Qwen2-VL / Qwen2.5-VL, Gemma 3): labels from the real
+chat template, image tokens that vary with the image and are checked against it, --min/max-pixels honoured and
+reported."""
 
 from __future__ import annotations
 
@@ -24,8 +25,16 @@ def qwen(tmp_path_factory):
     return str(path), family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
 
 
-def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(qwen):
-    _, family, processor = qwen
+@pytest.fixture(scope="module", params=["qwen2-vl", "gemma-3"])
+def chat_family(request, tmp_path_factory):
+    from tiny_families import BUILDERS
+
+    path = BUILDERS[request.param](tmp_path_factory.mktemp("chat") / request.param)
+    return family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
+
+
+def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(chat_family):
+    family, processor = chat_family
     tok = processor.tokenizer
     image = Image.new("RGB", (32, 48), (200, 30, 30))
     history = [("What is in the picture?", "a red ball"), ("Where is it?", "on the left")]
@@ -40,12 +49,12 @@ def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(qwen
     )
     turns = [*history, ("What colour is it?", "red")]
     rendered = processor.apply_chat_template(family.messages(turns), tokenize=False)
-    # the processor's own ids for the whole rendered dialogue (its image tokens expanded by the processor),
-    # less the newline the template writes after the last end of turn
-    ref = processor(images=[image], text=[rendered], return_tensors="pt")
+    # the processor's own ids for the whole rendered dialogue (its image tokens expanded by the processor;
+    # the template writes its own special tokens), less the newline the template writes after the last turn
+    ref = processor(images=[image], text=[rendered], return_tensors="pt", add_special_tokens=False)
     assert batch["input_ids"][0].tolist() == ref["input_ids"][0].tolist()[:-1]
-    assert batch["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
-    assert batch["mm_token_type_ids"][0].tolist() == ref["mm_token_type_ids"][0].tolist()[:-1]
+    for name in family.token_inputs(batch["input_ids"]):  # the per-token inputs: the processor's too
+        assert batch[name][0].tolist() == ref[name][0].tolist()[:-1]
     labels = batch["labels"][0]
     trained = labels != IGNORE_INDEX
     spans, start = [], None  # the trained runs of positions
@@ -55,9 +64,10 @@ def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(qwen
         elif not t and start is not None:
             spans.append(tok.decode(labels[start:i]))
             start = None
-    assert spans == ["a red ball<|im_end|>", "on the left<|im_end|>", "red<|im_end|>"]
-    # system, user turns, image and the assistant headers are never trained
-    assert "You are a helpful assistant" not in "".join(spans)
+    end = family.end_of_turn
+    assert spans == [f"a red ball{end}", f"on the left{end}", f"red{end}"]
+    # the turn headers, the questions and the image are never trained
+    assert not any("What" in span or "user" in span for span in spans)
 
 
 def test_image_tokens_follow_the_image_size_and_are_checked_against_it(qwen):
@@ -112,8 +122,9 @@ def test_max_pixels_is_honoured_saved_and_reported(qwen, tmp_path, capsys):
         train(TrainConfig(model=path, data=str(folder), min_pixels=4096, max_pixels=1024))
 
 
-def test_the_gpu_checks_real_size_builder_makes_a_checkpoint_vlmtune_loads(tmp_path):
-    """scripts/gpu_check.py --only qwen builds Qwen2.5-VL-3B's shape; here at a small shape with the same code."""
+def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_path):
+    """scripts/gpu_check.py --only qwen / gemma build Qwen2.5-VL-3B's and Gemma-3-4B's shapes; here at small shapes
+    with the same code."""
     import importlib.util
     from pathlib import Path
 
@@ -139,3 +150,18 @@ def test_the_gpu_checks_real_size_builder_makes_a_checkpoint_vlmtune_loads(tmp_p
         batch["input_ids"] == family.image_token_id
     ).sum() == 64  # 224 / 14 = 16 patches a side, 2 x 2 merged
     assert model(**batch).loss.isfinite()
+
+    gemma = {
+        "vision_config": dict(gpu_check.GEMMA3_4B["vision_config"], hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=56),
+        "text_config": dict(gpu_check.GEMMA3_4B["text_config"], vocab_size=1000, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+        "mm_tokens_per_image": 4,
+    }  # fmt: skip
+    gpu_check.build_random_gemma(tmp_path / "gemma", gemma)
+    model, processor, family = load_base(str(tmp_path / "gemma"), "float32", "none", torch.device("cpu"))
+    assert family.name == "gemma-3"
+    batch = family.encode(processor, [Image.new("RGB", (224, 224))], ["Describe."], ["a ball"], max_length=64,
+                          padding_side="right")  # fmt: skip
+    assert (batch["input_ids"] == family.image_token_id).sum() == 4 and model(**batch).loss.isfinite()
