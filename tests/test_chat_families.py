@@ -165,3 +165,20 @@ def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_pa
     batch = family.encode(processor, [Image.new("RGB", (224, 224))], ["Describe."], ["a ball"], max_length=64,
                           padding_side="right")  # fmt: skip
     assert (batch["input_ids"] == family.image_token_id).sum() == 4 and model(**batch).loss.isfinite()
+
+
+def test_a_tokenizer_that_marks_each_texts_start_is_refused_before_it_trains(tmp_path):
+    """Pieces are tokenised apart; a tokenizer that would tokenise one differently alone (here: SentencePiece's
+    prefix space before every text) is caught at the first encode, saying where the layouts part."""
+    from tokenizers import pre_tokenizers
+
+    from tiny_families import build_gemma3
+
+    path = build_gemma3(tmp_path / "gemma")
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    family = family_for(AutoConfig.from_pretrained(path))
+    with pytest.raises(ValueError, match="pieces tokenise differently alone than in the whole dialogue"):
+        family.encode(
+            processor, [Image.new("RGB", (32, 32))], ["hi"], ["a ball"], max_length=64, padding_side="right"
+        )

@@ -10,7 +10,8 @@ How an example becomes tokens and labels, with nothing but the template:
 Each reply is the text `whole_k` adds to `head_k`, up to and including the end-of-turn token; everything
 else (system, user turns, image, the assistant headers, what follows an end of turn) is never trained. Each
 piece is tokenised on its own and the pieces joined (a template puts special tokens at every boundary, so
-the ids are those of the whole rendered text: a test checks it against the processor's own output). The
+the ids are those of the whole rendered text). That is checked once per processor against the processor's
+own ids for a whole rendered dialogue, and a tokenizer for which it fails is refused before any step. The
 image placeholder the template writes is expanded by the processor into as many tokens as the image gives,
 and the count is checked against the image before any step runs.
 """
@@ -54,6 +55,37 @@ class ChatFamily(Family):
             raise ValueError(f"the tokenizer has no {self.end_of_turn!r} token: not a {self.name} tokenizer")
         self.end_of_turn_id = int(found)
         self.end_token_ids = frozenset({self.end_of_turn_id, *end_tokens(self.config.get_text_config())})
+        self._check_pieces(processor)
+
+    def _check_pieces(self, processor: Any) -> None:
+        """Once per processor: the ids laid out piece by piece are the processor's own for the whole rendered
+        dialogue. A tokenizer that tokenises a piece differently alone (one that marks the start of every text,
+        as SentencePiece's prefix space does) is refused here, before it could train on a wrong layout."""
+        image, history, turn = (
+            Image.new("RGB", (64, 64)),
+            [("What is this?", "a ball")],
+            ("Where?", "on the left"),
+        )
+        layout = Layout(10_000, "right", [tuple(history)], True)
+        mine = self.encode_batch(processor, [image], [turn[0]], [turn[1]], layout)["input_ids"][0].tolist()
+        rendered = processor.apply_chat_template(self.messages([*history, turn]), tokenize=False)
+        special = self._adds_specials(processor, rendered)
+        whole = list(processor(images=[image], text=[rendered], add_special_tokens=special)["input_ids"][0])
+        if whole[: len(mine)] != mine:
+            at = next((k for k, (a, b) in enumerate(zip(mine, whole, strict=False)) if a != b), len(whole))
+            tok = processor.tokenizer
+            raise ValueError(
+                f"{self.name}: the chat template's pieces tokenise differently alone than in the whole dialogue "
+                f"(from token {at}: {tok.convert_ids_to_tokens(mine[at : at + 3])} against "
+                f"{tok.convert_ids_to_tokens(whole[at : at + 3])}); this tokenizer needs another layout"
+            )
+
+    @staticmethod
+    def _adds_specials(processor: Any, text: str) -> bool:
+        """Whether the tokenizer should add its special tokens to `text`: not where the template wrote them
+        (Gemma's `<bos>`; added again, a doubled `<bos>`)."""
+        bos = processor.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
 
     @property
     def end_token_id(self) -> int:
@@ -132,12 +164,11 @@ class ChatFamily(Family):
         for k, image in enumerate(images):
             target = targets[k] if targets is not None else None
             pieces = self.pieces(processor, layout.history[k], prompts[k], target)
-            # The first piece holds the image placeholder: the processor expands it, from this image. The
-            # template writes the special tokens it wants (Gemma's <bos>): the tokenizer adds none of its own.
-            first = processor(
-                images=[image], text=[pieces[0][1]], return_tensors="pt", add_special_tokens=False
-            )
-            ids, labels = first["input_ids"][0].tolist(), []
+            # The first piece holds the image placeholder: the processor expands it, from this image.
+            text = pieces[0][1]
+            special = self._adds_specials(processor, text)
+            first = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=special)
+            ids = first["input_ids"][0].tolist()
             labels = [IGNORE_INDEX] * len(ids)
             for name in processor.image_processor.model_input_names:  # pixels, and grids or masks
                 if name in first:
@@ -203,7 +234,8 @@ class ChatFamily(Family):
         cache = self.__dict__.setdefault("_context_cache", {})
         if text not in cache:
             blank = Image.new("RGB", (64, 64))
-            ids = processor(images=[blank], text=[text], add_special_tokens=False)["input_ids"][0]
+            special = self._adds_specials(processor, text)
+            ids = processor(images=[blank], text=[text], add_special_tokens=special)["input_ids"][0]
             cache[text] = sum(1 for i in ids if i != self.image_token_id)
         return cache[text]
 
