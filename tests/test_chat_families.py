@@ -120,6 +120,8 @@ def test_max_pixels_is_honoured_saved_and_reported(qwen, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="--min-pixels 4096 is over --max-pixels 1024"):
         train(TrainConfig(model=path, data=str(folder), min_pixels=4096, max_pixels=1024))
+    with pytest.raises(ConfigError, match=r"blip-2 resizes every image to one size; .* \(qwen-vl\)"):
+        train(TrainConfig(model="tiny", data=str(folder), max_pixels=1024))
 
 
 def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_path):

@@ -72,9 +72,12 @@ def validate_train(cfg: TrainConfig) -> None:
         p.append(f"--model: {e}")
     else:
         if (cfg.min_pixels or cfg.max_pixels) and not family.dynamic_resolution:
+            from ..families import FAMILIES
+
+            dynamic = ", ".join(f.name for f in FAMILIES if f.dynamic_resolution)
             p.append(
                 f"--min-pixels / --max-pixels: {family.name} resizes every image to one size; they apply to "
-                "dynamic-resolution families (qwen-vl)"
+                f"the dynamic-resolution families ({dynamic})"
             )
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
