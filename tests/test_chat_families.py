@@ -184,3 +184,33 @@ def test_a_tokenizer_that_marks_each_texts_start_is_refused_before_it_trains(tmp
         family.encode(
             processor, [Image.new("RGB", (32, 32))], ["hi"], ["a ball"], max_length=64, padding_side="right"
         )
+
+
+def test_each_trained_group_can_have_its_own_learning_rate(qwen, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.modeling import add_lora, param_groups
+
+    path, family, _ = qwen
+    cfg = TrainConfig(
+        model=path,
+        train_modules=["projector", "vision"],
+        lr=1e-3,
+        lr_vision=1e-5,
+        group_lr=["projector=5e-5"],
+    )
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(path), family, cfg)
+    groups = {g.get("name", "lora"): g for g in param_groups(model, family, cfg)}
+    assert {k: g["lr"] for k, g in groups.items()} == {"lora": 1e-3, "vision": 1e-5, "projector": 5e-5}
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_" in named[id(p)] for p in groups["lora"]["params"])
+    assert all(".merger.modules_to_save." in named[id(p)] for p in groups["projector"]["params"])
+    vision = [named[id(p)] for p in groups["vision"]["params"]]
+    assert vision and all(".modules_to_save." in n and ("patch_embed" in n or "blocks" in n) for n in vision)
+    assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in model.parameters())
+
+    with pytest.raises(ConfigError) as e:
+        train(TrainConfig(model=path, train_modules=["projector"], lr_vision=1e-5, group_lr=["projector:1"]))
+    assert "--group-lr 'projector:1': give NAME=LR" in str(e.value)
+    with pytest.raises(ConfigError, match="--group-lr vision: that group does not train"):
+        train(TrainConfig(model=path, train_modules=["projector"], lr_vision=1e-5))

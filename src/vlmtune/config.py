@@ -99,6 +99,13 @@ class TrainConfig:
         "module groups trained in full next to LoRA, saved with the adapter (the family's: `vlmtune models`; "
         "e.g. qformer projection for BLIP-2); comma- or space-separated",
     )
+    group_lr: list[str] = opt(
+        [],
+        "a learning rate of its own for a --train-modules group, as NAME=LR (e.g. vision=1e-5 projector=5e-5); "
+        "LoRA and the other groups train at --lr",
+    )
+    lr_vision: float | None = opt(None, "the same as --group-lr vision=LR")
+    lr_projector: float | None = opt(None, "the same as --group-lr projector=LR")
     train_qformer: bool = opt(False, "the same as --train-modules qformer")
     train_projection: bool = opt(False, "the same as --train-modules projection")
     # optimisation
@@ -153,6 +160,22 @@ class TrainConfig:
     tracker_project: str = opt(
         "vlmtune", "the project (W&B, trackio) or experiment (MLflow) runs are logged under"
     )
+
+    def group_lrs(self) -> dict[str, float]:
+        """--group-lr as {group: lr}, with --lr-vision / --lr-projector; a malformed item raises ConfigError."""
+        out: dict[str, float] = {}
+        for item in (i.strip() for entry in self.group_lr for i in entry.split(",") if i.strip()):
+            name, sep, value = item.partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise ConfigError([f"--group-lr {item!r}: give NAME=LR, e.g. vision=1e-5"]) from None
+            if not sep:
+                raise ConfigError([f"--group-lr {item!r}: give NAME=LR, e.g. vision=1e-5"])
+        for group, value in (("vision", self.lr_vision), ("projector", self.lr_projector)):
+            if value is not None:
+                out[group] = value
+        return out
 
     def groups(self) -> list[str]:
         """The module groups that train in full: --train-modules, with the older single-group spellings."""

@@ -150,6 +150,23 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def param_groups(model: Any, family: Any, cfg: Any) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: LoRA (and every group without a rate of its own) at `cfg.lr`, and each
+    --group-lr group's modules (peft's trainable copies, `<module>.modules_to_save.`) at its own rate."""
+    rates = cfg.group_lrs()
+    marks = {g: [f".{m}.modules_to_save." for m in family.group_modules(g)] for g in rates}
+    own: dict[str, list[Any]] = {g: [] for g in rates}
+    rest = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = next((g for g, ms in marks.items() if any(m in f".{name}" for m in ms)), None)
+        (own[group] if group else rest).append(param)
+    return [{"params": rest, "lr": cfg.lr}] + [
+        {"params": ps, "lr": rates[g], "name": g} for g, ps in own.items()
+    ]
+
+
 def base_of_runs(runs: dict[str, str], model: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """The one base model of `runs` (and of `model`, when given), resolved, and each run's recorded config.
     Reads configs only, so a mismatch fails before any weights load."""

@@ -79,6 +79,16 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--min-pixels / --max-pixels: {family.name} resizes every image to one size; they apply to "
                 f"the dynamic-resolution families ({dynamic})"
             )
+        try:
+            rates = cfg.group_lrs()
+        except ConfigError as e:
+            p.extend(e.problems)
+            rates = {}
+        for group, rate in rates.items():
+            if group not in cfg.groups():
+                p.append(f"--group-lr {group}: that group does not train; add it to --train-modules")
+            if rate <= 0:
+                p.append(f"--group-lr {group}: the learning rate must be positive (got {rate})")
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"

@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..data.stream import InStep
 from ..families import Family
 from ..modelcard import write_card
-from ..modeling import add_lora, load_base, pick_dtype, resolve_model, trainable_parameters
+from ..modeling import add_lora, load_base, param_groups, pick_dtype, resolve_model, trainable_parameters
 from ..rundir import (
     METRICS_FILE,
     SAMPLES_FILE,
@@ -84,7 +84,7 @@ def train(cfg: TrainConfig) -> Path:
         data.per_epoch = len(data.loader)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, family, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Accelerate advances a prepared schedule once per process at every optimizer step (it expects one sized
     # for a single process seeing all the batches), so it is sized that way.
     n = accelerator.num_processes
