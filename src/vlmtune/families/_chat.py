@@ -55,7 +55,11 @@ class ChatFamily(Family):
             raise ValueError(f"the tokenizer has no {self.end_of_turn!r} token: not a {self.name} tokenizer")
         self.end_of_turn_id = int(found)
         self.end_token_ids = frozenset({self.end_of_turn_id, *end_tokens(self.config.get_text_config())})
-        self._check_pieces(processor)
+        try:
+            self._check_pieces(processor)
+        except Exception:
+            self.end_of_turn_id = None  # unbound again: every later call checks (and refuses) anew
+            raise
 
     def _check_pieces(self, processor: Any) -> None:
         """Once per processor: the ids laid out piece by piece are the processor's own for the whole rendered
