@@ -38,6 +38,7 @@ QFORMER = dict(
     attention_probs_dropout_prob=0.0,
 )
 QUERIES = 4
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)  # every tiny LM
 # LOGIT_RANGE: behind a frozen final norm and output layer, LoRA can only turn a 32-wide hidden state of fixed
 # norm; with output rows of the usual std 0.02 no logit can then exceed the 300 others by more than ~0.6, and
 # no amount of training gets the loss far below log(vocab) (std 0.2: a floor of ~0.7 per token, measured).
@@ -83,11 +84,8 @@ def _opt(tok) -> dict:
 def _llama(tok) -> dict:
     return dict(
         model_type="llama",
+        **TEXT,
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=128,
         bos_token_id=2,
@@ -176,11 +174,8 @@ def build_blip(out: Path) -> Path:
     config = BlipConfig(
         vision_config=dict(VISION, initializer_range=0.02),
         text_config=dict(
+            **TEXT,
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
             encoder_hidden_size=32,
             max_position_embeddings=64,
             pad_token_id=tok.pad_token_id,
@@ -229,11 +224,8 @@ def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
     config = getattr(transformers, f"{names}Config")(
         vision_config=dict(vision, temporal_patch_size=2, mlp_ratio=2, initializer_range=0.02),
         text_config=dict(
+            **TEXT,
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
             num_key_value_heads=1,
             max_position_embeddings=1024,
             # head_dim 16: 8 rotary frequencies, split between time, height and width
@@ -297,11 +289,8 @@ def build_gemma3(out: Path) -> Path:
     tok = gemma_tokenizer(corpus())
     config = Gemma3Config(
         text_config=dict(
+            **TEXT,
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=16,
             query_pre_attn_scalar=16,
