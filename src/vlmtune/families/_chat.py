@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ._text import assemble, end_tokens, new_tokens
+from ._text import LORA_TARGETS, assemble, end_tokens, new_tokens
 from .base import IGNORE_INDEX, Family, Layout, unwrap
 
 
@@ -245,6 +245,14 @@ class ChatFamily(Family):
 
     def language_model(self, model: Any) -> Any:
         return unwrap(model).model.language_model
+
+    def lora_target_modules(self) -> str:
+        # every chat family's language model has LLaMA's projections, under `language_model`
+        return LORA_TARGETS["llama"]
+
+    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
+        """The modules of every group that does not train."""
+        return [m for g in self.groups if g not in groups for m in self.group_modules(g)]
 
     def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
         self.bind(processor)

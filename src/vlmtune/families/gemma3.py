@@ -9,14 +9,11 @@ image tokens) tells the model which tokens make one image's bidirectional block;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ._chat import ChatFamily
-
-LANGUAGE_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class Gemma3(ChatFamily):
@@ -36,14 +33,8 @@ class Gemma3(ChatFamily):
     def matches(cls, config: Any) -> bool:
         return getattr(config, "model_type", None) == "gemma3"
 
-    def lora_target_modules(self) -> str:
-        return LANGUAGE_LORA
-
     def group_modules(self, group: str) -> list[str]:
         return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
-
-    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
-        return [m for g in ("vision", "projector") if g not in groups for m in self.group_modules(g)]
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids == self.image_token_id).long()}

@@ -19,8 +19,6 @@ import torch
 
 from ._chat import ChatFamily
 
-LANGUAGE_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
 
 class QwenVL(ChatFamily):
     name = "qwen-vl"
@@ -39,9 +37,6 @@ class QwenVL(ChatFamily):
     @classmethod
     def matches(cls, config: Any) -> bool:
         return getattr(config, "model_type", None) in cls.model_types
-
-    def lora_target_modules(self) -> str:
-        return LANGUAGE_LORA
 
     def group_modules(self, group: str) -> list[str]:
         # peft saves whole modules, not a ModuleList: the tower is its patch embedding and each block
