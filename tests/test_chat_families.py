@@ -25,7 +25,7 @@ def qwen(tmp_path_factory):
     return str(path), family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "gemma-3"])
+@pytest.fixture(scope="module", params=["qwen2-vl", "gemma-3", "llava-1.5", "llava-next"])
 def chat_family(request, tmp_path_factory):
     from tiny_families import BUILDERS
 
@@ -49,9 +49,11 @@ def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(chat
     )
     turns = [*history, ("What colour is it?", "red")]
     rendered = processor.apply_chat_template(family.messages(turns), tokenize=False)
-    # the processor's own ids for the whole rendered dialogue (its image tokens expanded by the processor;
-    # the template writes its own special tokens), less the newline the template writes after the last turn
-    ref = processor(images=[image], text=[rendered], return_tensors="pt", add_special_tokens=False)
+    # the processor's own ids for the whole rendered dialogue (its image tokens expanded by the processor),
+    # less the one token the template writes after the last end of turn (a newline, a space)
+    bos = processor.tokenizer.bos_token  # added by the tokenizer only where the template wrote none
+    special = not (bos and rendered.startswith(bos))
+    ref = processor(images=[image], text=[rendered], return_tensors="pt", add_special_tokens=special)
     assert batch["input_ids"][0].tolist() == ref["input_ids"][0].tolist()[:-1]
     for name in family.token_inputs(batch["input_ids"]):  # the per-token inputs: the processor's too
         assert batch[name][0].tolist() == ref[name][0].tolist()[:-1]
@@ -169,9 +171,10 @@ def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_pa
     assert (batch["input_ids"] == family.image_token_id).sum() == 4 and model(**batch).loss.isfinite()
 
 
-def test_a_tokenizer_that_marks_each_texts_start_is_refused_before_it_trains(tmp_path):
-    """Pieces are tokenised apart; a tokenizer that would tokenise one differently alone (here: SentencePiece's
-    prefix space before every text) is caught at the first encode, saying where the layouts part."""
+def test_a_processor_whose_ids_differ_from_its_tokenizers_after_the_image_is_refused(tmp_path):
+    """Labels come from the tokenizer's character offsets, ids from the processor; where the two part after
+    the image (here a tokenizer that puts SentencePiece's prefix space before every text, so the processor's
+    blank lines after Gemma's image join the question's first word), the record is refused at encode."""
     from tokenizers import pre_tokenizers
 
     from tiny_families import build_gemma3
@@ -180,8 +183,8 @@ def test_a_tokenizer_that_marks_each_texts_start_is_refused_before_it_trains(tmp
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
     family = family_for(AutoConfig.from_pretrained(path))
-    for _ in range(2):  # and again: a refused processor is never taken on later
-        with pytest.raises(ValueError, match="pieces tokenise differently alone than in the whole dialogue"):
+    for _ in range(2):  # and again: every record is checked
+        with pytest.raises(ValueError, match="tokenises this record's text differently from its tokenizer"):
             family.encode(
                 processor,
                 [Image.new("RGB", (32, 32))],
@@ -220,3 +223,26 @@ def test_each_trained_group_can_have_its_own_learning_rate(qwen, tmp_path):
     assert "--group-lr 'projector:1': give NAME=LR" in str(e.value)
     with pytest.raises(ConfigError, match="--group-lr vision: that group does not train"):
         train(TrainConfig(model=path, train_modules=["projector"], lr_vision=1e-5))
+
+
+def test_llava_next_image_tokens_follow_the_image_and_a_mixed_batch_trains(tmp_path):
+    """LLaVA-NeXT's anyres count varies with the image's size: what `data check` reports (`image_tokens`) is
+    what encode lays out and the model fills; images tiled into different grids share one batch."""
+    from transformers import AutoModelForImageTextToText
+
+    from tiny_families import build_llava
+
+    path = build_llava(tmp_path / "llava-next", "llava_next")
+    family = family_for(AutoConfig.from_pretrained(path))
+    processor = AutoProcessor.from_pretrained(path)
+    sizes = [(32, 32), (96, 32), (32, 96), (50, 70)]
+    images = [Image.new("RGB", size, (200, 30, 30)) for size in sizes]
+    counts = []
+    for image in images:
+        batch = family.encode(processor, [image], ["hi"], None, max_length=64, padding_side="left")
+        counts.append(int((batch["input_ids"] == family.image_token_id).sum()))
+        assert counts[-1] == family.image_tokens(processor, *image.size)
+    assert len(set(counts)) > 1, counts
+    batch = family.encode(processor, images, ["hi"] * 4, ["a ball"] * 4, max_length=64, padding_side="right")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    assert model(**batch).loss.isfinite()

@@ -167,8 +167,12 @@ def plain_captions(model, processor, family, paths: list[Path], prompt: str) -> 
     if getattr(processor, "chat_template", None):  # a chat model is prompted through its template
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # the rendered template holds its special tokens (Gemma's <bos>); one image list per text
-        images, kwargs = [[image] for image in images], {"add_special_tokens": False}
+        # one image list per text; the tokenizer's <bos> only where the template wrote none (Gemma's does)
+        bos = processor.tokenizer.bos_token
+        images, kwargs = (
+            [[image] for image in images],
+            {"add_special_tokens": not (bos and prompt.startswith(bos))},
+        )
     inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", **kwargs)
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False).tolist()
     if not model.config.get_text_config().is_encoder_decoder:

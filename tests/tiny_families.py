@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from vlmtune.data.synthetic import examples
-from vlmtune.tiny import bert_tokenizer, bpe_tokenizer, gemma_tokenizer, qwen_tokenizer, t5_tokenizer
+from vlmtune.tiny import (
+    bert_tokenizer,
+    bpe_tokenizer,
+    gemma_tokenizer,
+    llama_tokenizer,
+    qwen_tokenizer,
+    t5_tokenizer,
+)
 
 IMAGE = 32  # pixels: 16 patches of 8
 VISION = dict(
@@ -319,6 +326,68 @@ def build_gemma3(out: Path) -> Path:
     return _save(model, processor, out)
 
 
+# llava-hf/llava-1.5-*-hf's chat template, as transformers' LLaVA processor tests carry it: it ends no reply.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% "
+    "endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ "
+    "content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif "
+    "%}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# llava-hf/llava-v1.6-mistral-7b-hf's, as its processor renders it: "[INST] <image>\n... [/INST] reply</s> ".
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + "
+    "message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# "
+    "Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') "
+    "%}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif "
+    "message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}{% else %}{{ "
+    "raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+def build_llava(out: Path, kind: str = "llava") -> Path:
+    """LLaVA-1.5 (a 32-pixel CLIP over 8-pixel patches: 16 image tokens) or LLaVA-NeXT (the same CLIP over
+    anyres tiles of 32 x 64 / 64 x 32 / 64 x 64: a count that varies with the image), a LLaMA language
+    model with the legacy SentencePiece tokenizer, the real chat templates."""
+    import transformers
+
+    tok = llama_tokenizer(corpus())
+    next_ = kind == "llava_next"
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = getattr(transformers, "LlavaNextConfig" if next_ else "LlavaConfig")(
+        vision_config=dict(
+            {k: v for k, v in VISION.items() if k != "initializer_range"},
+            model_type="clip_vision_model",
+            projection_dim=32,
+        ),
+        text_config=dict(_llama(tok), num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=2,
+                         pad_token_id=tok.pad_token_id, bos_token_id=1, tie_word_embeddings=False),  # fmt: skip
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **({"image_grid_pinpoints": pinpoints} if next_ else {}),
+    )
+    torch.manual_seed(0)
+    cls = "LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"
+    model = getattr(transformers, cls)(config)
+    sizes = dict(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    if next_:
+        images = transformers.LlavaNextImageProcessor(**sizes, image_grid_pinpoints=pinpoints)
+        processor = transformers.LlavaNextProcessor(
+            image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=LLAVA_NEXT_TEMPLATE,
+        )  # fmt: skip
+    else:
+        processor = transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor(**sizes), tokenizer=tok, patch_size=8,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE,
+        )  # fmt: skip
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -327,6 +396,8 @@ BUILDERS = {
     "qwen2-vl": build_qwen_vl,
     "qwen2.5-vl": lambda out: build_qwen_vl(out, "qwen2_5_vl"),
     "gemma-3": build_gemma3,
+    "llava-1.5": build_llava,
+    "llava-next": lambda out: build_llava(out, "llava_next"),
 }
 
 

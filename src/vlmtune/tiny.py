@@ -148,3 +148,35 @@ def gemma_tokenizer(texts: list[str], vocab_size: int = 400):
     )
     out.add_special_tokens({"additional_special_tokens": specials[4:] + list(images.values())})
     return out
+
+
+def llama_tokenizer(texts: list[str], vocab_size: int = 400):
+    """LLaMA's layout, as LLaVA's Vicuna and Mistral tokenizers have it: <unk>=0, <s>=1 (put before every
+    text), </s>=2 (the end of a reply), SentencePiece-kind BPE with bytes as <0xNN>, and the legacy prefix
+    space: "▁" before every text and after every special token (so "<image>\\nWhat" is "<image>", "▁", "\\n",
+    "What", as transformers' LLaVA processor test has llava-1.5's tokenizer lay it out); `<image>` and `<pad>`
+    added."""
+    import json
+
+    from transformers import LlamaTokenizerFast
+
+    texts = [*texts, *["USER: ASSISTANT: [INST] [/INST] Describe this image.\n"] * 50]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    alphabet = sorted({c for t in texts for c in t.replace(" ", "▁")} | {"▁"})
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 256,
+        special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))],
+        initial_alphabet=alphabet,
+    )
+    tok.train_from_iterator(texts, trainer)
+    model = json.loads(tok.to_str())["model"]
+    # LlamaTokenizer builds the rest itself (Metaspace, <s> before every text, the decoder); legacy as the
+    # LLaVA checkpoints are
+    merges = [tuple(m) for m in model["merges"]]
+    out = LlamaTokenizerFast(
+        vocab=model["vocab"], merges=merges, legacy=True, add_prefix_space=True, add_bos_token=True
+    )
+    out.init_kwargs["legacy"] = True  # saved, so that loading builds the same pre-tokenizer
+    out.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return out

@@ -7,13 +7,15 @@ How an example becomes tokens and labels, with nothing but the template:
     whole_1 = render([user_1, assistant_1])                     ... + reply_1 + end of turn (+ what follows it)
     head_2 = render([user_1, assistant_1, user_2], True)        ...
 
-Each reply is the text `whole_k` adds to `head_k`, up to and including the end-of-turn token; everything
-else (system, user turns, image, the assistant headers, what follows an end of turn) is never trained. Each
-piece is tokenised on its own and the pieces joined (a template puts special tokens at every boundary, so
-the ids are those of the whole rendered text). That is checked once per processor against the processor's
-own ids for a whole rendered dialogue, and a tokenizer for which it fails is refused before any step. The
-image placeholder the template writes is expanded by the processor into as many tokens as the image gives,
-and the count is checked against the image before any step runs.
+Each reply is the text `whole_k` adds to `head_k`, up to and including the end-of-turn token (a template
+that writes none, LLaVA-1.5's, gets the tokenizer's end-of-sequence appended to each reply); everything else
+(system, user turns, image, the assistant headers, what follows an end of turn) is never trained. The pieces
+joined are the whole rendered text, tokenised once, as a whole (a SentencePiece tokenizer marks the start of
+every text it is given: pieces tokenised apart would not be the ids of the whole), and each token takes the
+kind of the piece its characters come from; a token that spans a reply and its context is refused. The
+processor tokenises the same text with the image placeholder expanded into as many tokens as the image gives;
+its ids after the image must be the tokenizer's own, and the count of image tokens is checked against the
+image, both before any step runs.
 """
 
 from __future__ import annotations
@@ -45,44 +47,21 @@ class ChatFamily(Family):
         self.end_of_turn_id: int | None = None  # known once a processor is seen (`bind`): configs lack it
 
     def bind(self, processor: Any) -> None:
-        """Learn the end-of-turn id from the tokenizer: what replies are trained to end with and generation
-        stops at, with the language model's own end-of-sequence ids."""
+        """Learn from the tokenizer and template what configs lack: the end-of-turn id (what replies are
+        trained to end with and generation stops at, with the language model's own end-of-sequence ids) and
+        whether the template writes it after a reply or vlmtune must."""
         if self.end_of_turn_id is not None:
             return
         tok = processor.tokenizer
         found = tok.convert_tokens_to_ids(self.end_of_turn)
         if found is None or found == tok.unk_token_id:
             raise ValueError(f"the tokenizer has no {self.end_of_turn!r} token: not a {self.name} tokenizer")
+        probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]  # fmt: skip
+        said = processor.apply_chat_template(probe, tokenize=False).rsplit("x", 1)[-1]
+        self.appends_end = self.end_of_turn not in said
         self.end_of_turn_id = int(found)
         self.end_token_ids = frozenset({self.end_of_turn_id, *end_tokens(self.config.get_text_config())})
-        try:
-            self._check_pieces(processor)
-        except Exception:
-            self.end_of_turn_id = None  # unbound again: every later call checks (and refuses) anew
-            raise
-
-    def _check_pieces(self, processor: Any) -> None:
-        """Once per processor: the ids laid out piece by piece are the processor's own for the whole rendered
-        dialogue. A tokenizer that tokenises a piece differently alone (one that marks the start of every text,
-        as SentencePiece's prefix space does) is refused here, before it could train on a wrong layout."""
-        image, history, turn = (
-            Image.new("RGB", (64, 64)),
-            [("What is this?", "a ball")],
-            ("Where?", "on the left"),
-        )
-        layout = Layout(10_000, "right", [tuple(history)], True)
-        mine = self.encode_batch(processor, [image], [turn[0]], [turn[1]], layout)["input_ids"][0].tolist()
-        rendered = processor.apply_chat_template(self.messages([*history, turn]), tokenize=False)
-        special = self._adds_specials(processor, rendered)
-        whole = list(processor(images=[image], text=[rendered], add_special_tokens=special)["input_ids"][0])
-        if whole[: len(mine)] != mine:
-            at = next((k for k, (a, b) in enumerate(zip(mine, whole, strict=False)) if a != b), len(whole))
-            tok = processor.tokenizer
-            raise ValueError(
-                f"{self.name}: the chat template's pieces tokenise differently alone than in the whole dialogue "
-                f"(from token {at}: {tok.convert_ids_to_tokens(mine[at : at + 3])} against "
-                f"{tok.convert_ids_to_tokens(whole[at : at + 3])}); this tokenizer needs another layout"
-            )
 
     @staticmethod
     def _adds_specials(processor: Any, text: str) -> bool:
@@ -99,6 +78,8 @@ class ChatFamily(Family):
 
     # --- rendering ----------------------------------------------------------------------------------------
 
+    appends_end = False  # the template writes no end of turn after a reply (`bind` finds out): vlmtune does
+
     def messages(self, turns: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
         """HF chat messages for (prompt, reply) turns; the image goes with the first user turn."""
         out: list[dict[str, Any]] = []
@@ -108,6 +89,7 @@ class ChatFamily(Family):
                 parts.append({"type": "text", "text": prompt})
             out.append({"role": "user", "content": parts})
             if reply is not None:
+                reply = reply + self.end_of_turn if self.appends_end else reply
                 out.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         return out
 
@@ -116,6 +98,7 @@ class ChatFamily(Family):
     ) -> list[tuple[str, str]]:
         """The rendered conversation cut into (kind, text) pieces: "context" (never trained), "reply" (an
         earlier reply with its end of turn), "target" (the last reply, without its end of turn)."""
+        self.bind(processor)
 
         def render(turns: Sequence[tuple[str, str | None]], prompt_next: bool) -> str:
             messages = self.messages(turns)
@@ -161,47 +144,78 @@ class ChatFamily(Family):
     ) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` (and `labels`) laid out by the chat template, plus the processor's
         image inputs; a reply is trained with its end of turn, every other position is IGNORE_INDEX."""
-        self.bind(processor)
-        tok = processor.tokenizer
         rows, row_labels, target_ids, image_tokens = [], [], [], []
         image_inputs: dict[str, list[torch.Tensor]] = {}
         for k, image in enumerate(images):
             target = targets[k] if targets is not None else None
             pieces = self.pieces(processor, layout.history[k], prompts[k], target)
-            # The first piece holds the image placeholder: the processor expands it, from this image.
-            text = pieces[0][1]
-            special = self._adds_specials(processor, text)
-            first = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=special)
-            ids = first["input_ids"][0].tolist()
-            labels = [IGNORE_INDEX] * len(ids)
+            ids, kinds, processed = self._tokenise(processor, image, pieces)
             for name in processor.image_processor.model_input_names:  # pixels, and grids or masks
-                if name in first:
-                    image_inputs.setdefault(name, []).append(first[name])
-            for kind, text in pieces[1:]:
-                piece = tok(text, add_special_tokens=False)["input_ids"]
-                if kind == "target":
-                    target_ids.append(piece)
-                    continue
-                ids += piece
-                trained = kind == "reply" and layout.train_history
-                labels += piece if trained else [IGNORE_INDEX] * len(piece)
-            image_tokens.append(self.check_image_tokens(ids, first))
-            rows.append(ids)
-            row_labels.append(labels)
+                if name in processed:
+                    image_inputs.setdefault(name, []).append(processed[name])
+            image_tokens.append(self.check_image_tokens(ids, processed))
+            told = sum(1 for kind in kinds if kind == "target")
+            if set(kinds[len(kinds) - told :]) - {"target"}:  # a tokenizer that writes text after it
+                raise ValueError(f"{self.name}: the tokenizer adds tokens after the reply")
+            rows.append(ids[: len(ids) - told])
+            target_ids.append(ids[len(ids) - told :])
+            trained = ("reply",) if layout.train_history else ()
+            row_labels.append(
+                [t if kind in trained else IGNORE_INDEX for t, kind in zip(rows[-1], kinds, strict=False)]
+            )
         batch = assemble(
             rows,
             target_ids if targets is not None else None,
             encoder_decoder=False,
             end_id=self.end_token_id,
-            pad_id=tok.pad_token_id,
+            pad_id=processor.tokenizer.pad_token_id,
             max_length=layout.max_length,
             image_tokens=image_tokens,
             padding_side=layout.padding_side,
             prompt_labels=row_labels,
         )
-        batch.update({name: torch.cat(values) for name, values in image_inputs.items()})
+        batch.update({name: self.collate_images(name, values) for name, values in image_inputs.items()})
         batch.update(self.token_inputs(batch["input_ids"]))
         return batch
+
+    def _tokenise(
+        self, processor: Any, image: Image.Image, pieces: list[tuple[str, str]]
+    ) -> tuple[list[int], list[str], dict[str, Any]]:
+        """(ids, each id's kind, the processor's output) for one rendered conversation: the processor's ids
+        (image placeholder expanded), each token the kind of the piece its characters come from."""
+        text = "".join(piece for _, piece in pieces)
+        special = self._adds_specials(processor, text)
+        processed = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=special)
+        ids = processed["input_ids"][0].tolist()
+        own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        # the kind of every character, then of every token of the tokenizer's own (unexpanded) ids
+        of_char = [kind for kind, piece in pieces for _ in piece]
+        kinds = []
+        for start, end in own["offset_mapping"]:
+            found = set(of_char[start:end]) or {"context"}  # a special token the tokenizer adds
+            if len(found) > 1:
+                tok = processor.tokenizer
+                raise ValueError(
+                    f"{self.name}: a token spans a reply and the text around it ({text[start:end]!r} in "
+                    f"{tok.convert_ids_to_tokens(own['input_ids'][len(kinds)])!r}): the reply cannot be "
+                    "trained apart from its prompt with this tokenizer"
+                )
+            kinds.append(found.pop())
+        # After the image the processor's ids are the tokenizer's own; before it, all context.
+        mine = own["input_ids"]
+        placeholder = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+        after = max((i for i, t in enumerate(mine) if t == placeholder), default=-1) + 1
+        tail = len(mine) - after
+        if ids[len(ids) - tail :] != mine[after:] or set(kinds[:after]) - {"context"}:
+            raise ValueError(
+                f"{self.name}: the processor tokenises this record's text differently from its tokenizer "
+                "after the image (a processor from another checkpoint?)"
+            )
+        return ids, ["context"] * (len(ids) - tail) + kinds[after:], processed
+
+    def collate_images(self, name: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One batch input from each example's processor output `name` (pixels, grids, sizes)."""
+        return torch.cat(list(values))
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token inputs the model takes beside the ids, computed from them (padding included)."""
@@ -225,22 +239,22 @@ class ChatFamily(Family):
     def count_tokens(
         self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
     ) -> int:
-        self.bind(processor)
-        tok = processor.tokenizer
         pieces = self.pieces(processor, history, prompt, target)
-        rest = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for _, t in pieces[1:])
-        return self._context_tokens(processor, pieces[0][1]) + rest + 1  # + the target's end of turn
+        text = "".join(piece for _, piece in pieces)
+        own = processor.tokenizer(text, add_special_tokens=self._adds_specials(processor, text))
+        # + what the processor's image expansion adds in text tokens, + the target's end of turn
+        return len(own["input_ids"]) + self._image_text(processor, pieces[0][1]) + 1
 
-    def _context_tokens(self, processor: Any, text: str) -> int:
-        """Text tokens of the first piece as `encode_batch` lays it out: through the processor, which may
-        write text around each image (Gemma's blank lines and end-of-image marker), image tokens left out.
-        Any image gives the same count of them, so one blank image stands in; kept per text."""
-        cache = self.__dict__.setdefault("_context_cache", {})
+    def _image_text(self, processor: Any, text: str) -> int:
+        """Text tokens the processor's image expansion adds to the first piece's (Gemma's blank lines and
+        end-of-image marker; -1 where the placeholder is itself an image token), image tokens left out. Any
+        image gives the same count, so one blank image stands in; kept per text."""
+        cache = self.__dict__.setdefault("_image_text_cache", {})
         if text not in cache:
-            blank = Image.new("RGB", (64, 64))
             special = self._adds_specials(processor, text)
-            ids = processor(images=[blank], text=[text], add_special_tokens=special)["input_ids"][0]
-            cache[text] = sum(1 for i in ids if i != self.image_token_id)
+            ids = processor(images=[Image.new("RGB", (64, 64))], text=[text], add_special_tokens=special)
+            alone = processor.tokenizer(text, add_special_tokens=special)["input_ids"]
+            cache[text] = sum(1 for i in ids["input_ids"][0] if i != self.image_token_id) - len(alone)
         return cache[text]
 
     def language_model(self, model: Any) -> Any:

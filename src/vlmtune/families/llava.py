@@ -1,0 +1,79 @@
+"""LLaVA-1.5 and LLaVA-NeXT (1.6): a CLIP ViT-L/14 at 336 pixels, its second-to-last layer's patch features
+(the class token dropped) through a two-layer MLP projector into a Vicuna, Mistral or other LLaMA-kind
+language model.
+
+LLaVA-1.5 gives every image (resized and cropped to 336 x 336) 576 tokens. LLaVA-NeXT's "anyres" tiles an
+image at the grid among `image_grid_pinpoints` that fits it best: a base view of the whole image, then the
+tiles' patches unpadded back to the image's aspect and a learnt newline after each row, so the count varies
+with the image's size (`image_sizes` travels with the batch). The processor expands the one `<image>` the
+chat template writes. LLaVA-1.5's template ("USER: <image>\\n... ASSISTANT: ...") ends no reply, so vlmtune
+ends each with `</s>`, as LLaVA was trained; LLaVA-NeXT's writes `</s>` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._chat import ChatFamily
+
+
+class Llava(ChatFamily):
+    name = "llava"
+    hub_ids = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-1.5-13b-hf")
+    model_types = ("llava", "llava_next")
+    groups = {
+        "projector": "the MLP projector (CLIP features -> language width)",
+        "vision": "the CLIP vision tower",
+    }
+    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
+    cache = "none yet"
+    memory = "llava-1.5-7b: ~18 GiB bf16 LoRA at batch 4, ~8 GiB as QLoRA (estimates, not measured)"
+    image_token = "<image>"
+    end_of_turn = "</s>"
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    def group_modules(self, group: str) -> list[str]:
+        return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
+
+    def _features_per_view(self) -> tuple[int, int]:
+        """(patches per side of one view, tokens besides them: the class token where it is kept)."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, int(self.config.vision_feature_select_strategy == "full")
+
+    def image_token_count(self, image_inputs: dict[str, Any]) -> int:
+        side, extra = self._features_per_view()
+        if self.config.model_type == "llava":
+            return side * side + extra
+        return self._anyres_tokens(*(int(v) for v in image_inputs["image_sizes"][0]))
+
+    def _anyres_tokens(self, height: int, width: int) -> int:
+        """LLaVA-NeXT's count, as its model packs the features: the base view, then the tile grid's patches
+        with the padding the image did not fill removed, and one newline per remaining row."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        side, extra = self._features_per_view()
+        size = self.config.vision_config.image_size
+        rows, cols = get_anyres_image_grid_shape((height, width), self.config.image_grid_pinpoints, size)
+        h, w = rows * side, cols * side
+        if width / height > w / h:  # wider than the grid: rows of padding above and below
+            h -= 2 * ((h - int(round(height * (w / width), 7))) // 2)
+        else:
+            w -= 2 * ((w - int(round(width * (h / height), 7))) // 2)
+        return side * side + extra + h * (w + 1)
+
+    def image_tokens(self, processor: Any, width: int, height: int) -> int | None:
+        return self._anyres_tokens(height, width) if self.config.model_type == "llava_next" else None
+
+    def collate_images(self, name: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        # LLaVA-NeXT's pixels are (1, views, 3, H, W), the views varying with the image: padded to the most
+        if name != "pixel_values" or values[0].dim() != 5:
+            return super().collate_images(name, values)
+        most = max(v.shape[1] for v in values)
+        return torch.cat([torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, most - v.shape[1])) for v in values])
