@@ -363,8 +363,15 @@ def build_llava(out: Path, kind: str = "llava") -> Path:
             model_type="clip_vision_model",
             projection_dim=32,
         ),
-        text_config=dict(_llama(tok), num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=2,
-                         pad_token_id=tok.pad_token_id, bos_token_id=1, tie_word_embeddings=False),  # fmt: skip
+        text_config=dict(
+            _llama(tok),
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            eos_token_id=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=1,
+            tie_word_embeddings=False,
+        ),  # fmt: skip
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

@@ -76,4 +76,6 @@ class Llava(ChatFamily):
         if name != "pixel_values" or values[0].dim() != 5:
             return super().collate_images(name, values)
         most = max(v.shape[1] for v in values)
-        return torch.cat([torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, most - v.shape[1])) for v in values])
+        return torch.cat(
+            [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, most - v.shape[1])) for v in values]
+        )
