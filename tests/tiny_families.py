@@ -371,7 +371,7 @@ def build_llava(out: Path, kind: str = "llava") -> Path:
             pad_token_id=tok.pad_token_id,
             bos_token_id=1,
             tie_word_embeddings=False,
-        ),  # fmt: skip
+        ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
