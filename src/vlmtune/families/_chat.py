@@ -39,6 +39,12 @@ class ChatFamily(Family):
     image_token: str  # the placeholder the template writes, which the processor expands
     end_of_turn: str  # the token that ends a reply in the template (trained; generation stops there)
 
+    model_types: tuple[str, ...] = ()  # the transformers `model_type`s of the family's checkpoints
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
     def __init__(self, config: Any):
         super().__init__(config)
         # the id the model fills with image features (transformers names it either way, by family)

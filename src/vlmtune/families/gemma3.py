@@ -18,6 +18,7 @@ from ._chat import ChatFamily
 
 class Gemma3(ChatFamily):
     name = "gemma-3"
+    model_types = ("gemma3",)
     hub_ids = ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it")
     groups = {
         "projector": "the multimodal projector (pooled SigLIP features -> language width)",
@@ -28,10 +29,6 @@ class Gemma3(ChatFamily):
     memory = "gemma-3-4b-it: ~12 GiB bf16 LoRA at batch 4 (estimate, not measured)"
     image_token = "<start_of_image>"
     end_of_turn = "<end_of_turn>"
-
-    @classmethod
-    def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) == "gemma3"
 
     def group_modules(self, group: str) -> list[str]:
         return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]

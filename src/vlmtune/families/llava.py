@@ -34,10 +34,6 @@ class Llava(ChatFamily):
     image_token = "<image>"
     end_of_turn = "</s>"
 
-    @classmethod
-    def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) in cls.model_types
-
     def group_modules(self, group: str) -> list[str]:
         return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
 

@@ -34,10 +34,6 @@ class QwenVL(ChatFamily):
     image_token = "<|image_pad|>"
     end_of_turn = "<|im_end|>"
 
-    @classmethod
-    def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) in cls.model_types
-
     def group_modules(self, group: str) -> list[str]:
         # peft saves whole modules, not a ModuleList: the tower is its patch embedding and each block
         blocks = [f"blocks.{i}" for i in range(self.config.vision_config.depth)]
