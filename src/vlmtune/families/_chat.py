@@ -266,9 +266,15 @@ class ChatFamily(Family):
     def language_model(self, model: Any) -> Any:
         return unwrap(model).model.language_model
 
+    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
+
     def lora_target_modules(self) -> str:
         # every chat family's language model has LLaMA's projections, under `language_model`
         return LORA_TARGETS["llama"]
+
+    def group_modules(self, group: str) -> list[str]:
+        # transformers' names in most of its VLMs (LLaVA, Gemma 3, ...); a family that differs says its own
+        return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
 
     def frozen_modules(self, groups: Sequence[str]) -> list[str]:
         """The modules of every group that does not train."""

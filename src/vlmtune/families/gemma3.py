@@ -24,14 +24,10 @@ class Gemma3(ChatFamily):
         "projector": "the multimodal projector (pooled SigLIP features -> language width)",
         "vision": "the SigLIP vision tower",
     }
-    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
     cache = "none yet"
     memory = "gemma-3-4b-it: ~12 GiB bf16 LoRA at batch 4 (estimate, not measured)"
     image_token = "<start_of_image>"
     end_of_turn = "<end_of_turn>"
-
-    def group_modules(self, group: str) -> list[str]:
-        return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids == self.image_token_id).long()}

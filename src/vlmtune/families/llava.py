@@ -28,14 +28,10 @@ class Llava(ChatFamily):
         "projector": "the MLP projector (CLIP features -> language width)",
         "vision": "the CLIP vision tower",
     }
-    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
     cache = "none yet"
     memory = "llava-1.5-7b: ~18 GiB bf16 LoRA at batch 4, ~8 GiB as QLoRA (estimates, not measured)"
     image_token = "<image>"
     end_of_turn = "</s>"
-
-    def group_modules(self, group: str) -> list[str]:
-        return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
 
     def _features_per_view(self) -> tuple[int, int]:
         """(patches per side of one view, tokens besides them: the class token where it is kept)."""

@@ -28,7 +28,6 @@ class QwenVL(ChatFamily):
         "projector": "the patch merger (vision -> language width)",
         "vision": "the vision tower's patch embedding and blocks",
     }
-    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
     cache = "none yet (features vary in length with the image and need its grid)"
     memory = "Qwen2.5-VL-3B: ~10 GiB bf16 LoRA at batch 4 and 512x512 images (estimate, not measured)"
     image_token = "<|image_pad|>"
