@@ -1,6 +1,6 @@
-"""The chat-template families beyond the family contract (Qwen2-VL / Qwen2.5-VL, Gemma 3): labels from the real
-chat template, image tokens that vary with the image and are checked against it, --min/max-pixels honoured and
-reported."""
+"""The chat-template families beyond the family contract (Qwen-VL, Gemma 3, LLaVA, InternVL): labels from the
+real chat template, image tokens that vary with the image and are checked against it, --min/max-pixels honoured
+and reported."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def qwen(tmp_path_factory):
     return str(path), family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "gemma-3", "llava-1.5", "llava-next"])
+@pytest.fixture(scope="module", params=["qwen2-vl", "gemma-3", "llava-1.5", "llava-next", "internvl"])
 def chat_family(request, tmp_path_factory):
     from tiny_families import BUILDERS
 
@@ -225,14 +225,16 @@ def test_each_trained_group_can_have_its_own_learning_rate(qwen, tmp_path):
         train(TrainConfig(model=path, train_modules=["projector"], lr_vision=1e-5))
 
 
-def test_llava_next_image_tokens_follow_the_image_and_a_mixed_batch_trains(tmp_path):
-    """LLaVA-NeXT's anyres count varies with the image's size: what `data check` reports (`image_tokens`) is
-    what encode lays out and the model fills; images tiled into different grids share one batch."""
+@pytest.mark.parametrize("kind", ["llava-next", "internvl"])
+def test_tiled_image_tokens_follow_the_image_and_a_mixed_batch_trains(kind, tmp_path):
+    """LLaVA-NeXT's anyres and InternVL's tiles give a count that varies with the image's size: what `data
+    check` reports (`image_tokens`) is what encode lays out and the model fills; images tiled into different
+    grids share one batch."""
     from transformers import AutoModelForImageTextToText
 
-    from tiny_families import build_llava
+    from tiny_families import BUILDERS
 
-    path = build_llava(tmp_path / "llava-next", "llava_next")
+    path = BUILDERS[kind](tmp_path / kind)
     family = family_for(AutoConfig.from_pretrained(path))
     processor = AutoProcessor.from_pretrained(path)
     sizes = [(32, 32), (96, 32), (32, 96), (50, 70)]

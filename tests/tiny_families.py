@@ -395,6 +395,68 @@ def build_llava(out: Path, kind: str = "llava") -> Path:
     return _save(model, processor, out)
 
 
+# The chat template of OpenGVLab/InternVL3-*-hf, as transformers' conversion script (convert_internvl_weights_to_hf)
+# writes it into the checkpoints it converts.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is "
+    "string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] "
+    "== 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif "
+    "content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% "
+    "endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_internvl(out: Path) -> Path:
+    """InternVL 3: a 32-pixel InternViT over 8-pixel patches, pixel-shuffled to 4 tokens a tile; images tiled
+    into up to 4 tiles (and a thumbnail) of 32 x 32, so a 64 x 32 image gives 12 tokens; a Qwen2 language
+    model, the real special tokens (`<img>`, `<IMG_CONTEXT>`, `</img>`) and chat template."""
+    import transformers
+
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tok = qwen_tokenizer(corpus(), named=named)
+    config = transformers.InternVLConfig(
+        vision_config=dict(
+            {k: v for k, v in VISION.items() if k != "image_size" and k != "patch_size"},
+            image_size=[IMAGE, IMAGE],
+            patch_size=[8, 8],
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            **TEXT,
+            vocab_size=len(tok),
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            initializer_range=0.2,  # see LOGIT_RANGE
+            tie_word_embeddings=False,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.InternVLForConditionalGeneration(config)
+    images = transformers.GotOcr2ImageProcessor(
+        size={"height": IMAGE, "width": IMAGE}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    videos = transformers.InternVLVideoProcessor(size={"height": IMAGE, "width": IMAGE})
+    processor = transformers.InternVLProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        video_processor=videos,
+        image_seq_length=4,
+        chat_template=INTERNVL_TEMPLATE,
+    )
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -405,6 +467,7 @@ BUILDERS = {
     "gemma-3": build_gemma3,
     "llava-1.5": build_llava,
     "llava-next": lambda out: build_llava(out, "llava_next"),
+    "internvl": build_internvl,
 }
 
 

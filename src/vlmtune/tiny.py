@@ -81,9 +81,10 @@ def bert_tokenizer(texts: list[str], vocab_size: int = 300):
     )
 
 
-def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
+def qwen_tokenizer(texts: list[str], vocab_size: int = 400, named: dict[str, str] | None = None):
     """Qwen2's layout: byte-level BPE with no BOS, `<|endoftext|>` (padding, the base's end), the chat markers
-    `<|im_start|>` / `<|im_end|>` (an instruct model's end of turn) and the vision placeholders."""
+    `<|im_start|>` / `<|im_end|>` (an instruct model's end of turn) and the vision placeholders; `named`: more
+    special tokens a processor reads by attribute name (InternVL's `context_image_token`: `<IMG_CONTEXT>`)."""
     from transformers import Qwen2TokenizerFast
 
     specials = [
@@ -95,6 +96,7 @@ def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
         "<|vision_pad|>",
         "<|image_pad|>",
         "<|video_pad|>",
+        *(named or {}).values(),
     ]
     # the words a chat template writes around every turn: a real Qwen vocabulary spends a token on each
     texts = [*texts, *["system\nYou are a helpful assistant.\nuser\nassistant\nDescribe this image.\n"] * 50]
@@ -105,6 +107,7 @@ def qwen_tokenizer(texts: list[str], vocab_size: int = 400):
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
+        extra_special_tokens=named or {},
     )
     out.add_special_tokens({"additional_special_tokens": specials[1:]})
     return out

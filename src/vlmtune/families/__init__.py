@@ -10,10 +10,11 @@ from .blip2 import Blip2
 from .blip2_t5 import Blip2T5
 from .gemma3 import Gemma3
 from .instructblip import InstructBlip
+from .internvl import InternVL
 from .llava import Llava
 from .qwen_vl import QwenVL
 
-FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL, Gemma3, Llava)
+FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL, Gemma3, Llava, InternVL)
 
 
 def family_for(config: Any) -> Family:
