@@ -21,6 +21,7 @@ from vlmtune.tiny import (
     gemma_tokenizer,
     llama_tokenizer,
     qwen_tokenizer,
+    smolvlm_tokenizer,
     t5_tokenizer,
 )
 
@@ -457,6 +458,51 @@ def build_internvl(out: Path) -> Path:
     return _save(model, processor, out)
 
 
+# HuggingFaceTB/SmolVLM-*-Instruct's chat template, as transformers' SmolVLM processor tests carry it.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] "
+    "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor "
+    "%}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_smolvlm(out: Path, kind: str = "smolvlm") -> Path:
+    """SmolVLM (or Idefics3, its parent: the same layout under other class names): a 32-pixel SigLIP over
+    8-pixel patches, pixel-shuffled 2 x 2 to 4 tokens a tile; images resized to a longest edge of 64 and split
+    into 32-pixel tiles plus the global view (a 32 x 32 image: 4 tiles + 1, 20 tokens), a LLaMA-kind language
+    model, the real special tokens and SmolVLM's chat template."""
+    import transformers
+
+    names = {"smolvlm": "SmolVLM", "idefics3": "Idefics3"}[kind]
+    tok = smolvlm_tokenizer(corpus())
+    config = getattr(transformers, f"{names}Config")(
+        vision_config=dict(VISION, model_type=f"{kind}_vision"),
+        text_config=dict(
+            _llama(tok),
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=False,
+        ),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{names}ForConditionalGeneration")(config)
+    images = getattr(transformers, f"{names}ImageProcessor")(
+        do_image_splitting=True, size={"longest_edge": 2 * IMAGE}, max_image_size={"longest_edge": IMAGE}
+    )
+    parts = dict(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE)
+    if kind == "smolvlm":
+        parts["video_processor"] = transformers.SmolVLMVideoProcessor(max_image_size={"longest_edge": IMAGE})
+    return _save(model, getattr(transformers, f"{names}Processor")(**parts), out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -468,7 +514,10 @@ BUILDERS = {
     "llava-1.5": build_llava,
     "llava-next": lambda out: build_llava(out, "llava_next"),
     "internvl": build_internvl,
+    "smolvlm": build_smolvlm,
 }
+# Families' other members, built for the chat-family tests only (the contract runs one member per family).
+MEMBERS = {"idefics3": lambda out: build_smolvlm(out, "idefics3")}
 
 
 def colour_examples(n: int = 4, seed: int = 0):

@@ -113,6 +113,27 @@ def qwen_tokenizer(texts: list[str], vocab_size: int = 400, named: dict[str, str
     return out
 
 
+def smolvlm_tokenizer(texts: list[str], vocab_size: int = 400, grid: int = 4):
+    """SmolVLM's layout (SmolLM2's byte-level BPE): `<|im_start|>` written by the chat template at the start,
+    `<end_of_utterance>` ending each turn, and the image markers its processor writes: `<fake_token_around_image>`,
+    `<global-img>`, `<row_R_col_C>` for each tile (R, C <= `grid`) and `<image>`, the one the model fills."""
+    from transformers import GPT2TokenizerFast
+
+    images = ["<fake_token_around_image>", "<image>", "<global-img>"]
+    tiles = [f"<row_{r}_col_{c}>" for r in range(1, grid + 1) for c in range(1, grid + 1)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", *images, *tiles]
+    texts = [*texts, *["User: Describe this image.\nAssistant: \n\n"] * 50]
+    out = GPT2TokenizerFast(
+        tokenizer_object=_byte_level_bpe(texts, vocab_size, specials),
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    out.add_special_tokens({"additional_special_tokens": specials[3:]})
+    return out
+
+
 def gemma_tokenizer(texts: list[str], vocab_size: int = 400):
     """Gemma 3's layout: <pad>=0, <eos>=1, <bos>=2 (put before every text), <unk>=3, the turn markers
     `<start_of_turn>` / `<end_of_turn>` (an instruct model's end of turn) and the image markers the processor

@@ -13,8 +13,19 @@ from .instructblip import InstructBlip
 from .internvl import InternVL
 from .llava import Llava
 from .qwen_vl import QwenVL
+from .smolvlm import SmolVLM
 
-FAMILIES: tuple[type[Family], ...] = (Blip2, Blip2T5, InstructBlip, Blip, QwenVL, Gemma3, Llava, InternVL)
+FAMILIES: tuple[type[Family], ...] = (
+    Blip2,
+    Blip2T5,
+    InstructBlip,
+    Blip,
+    QwenVL,
+    Gemma3,
+    Llava,
+    InternVL,
+    SmolVLM,
+)
 
 
 def family_for(config: Any) -> Family:

@@ -219,9 +219,17 @@ class ChatFamily(Family):
             )
         return ids, ["context"] * (len(ids) - tail) + kinds[after:], processed
 
+    #: processor outputs whose second dimension counts an image's views (tiles), which vary with the image:
+    #: padded with zeros to the batch's most (the model drops all-zero views)
+    padded_views: tuple[str, ...] = ()
+
     def collate_images(self, name: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """One batch input from each example's processor output `name` (pixels, grids, sizes)."""
-        return torch.cat(list(values))
+        if name not in self.padded_views:
+            return torch.cat(list(values))
+        most = max(v.shape[1] for v in values)
+        pad = torch.nn.functional.pad
+        return torch.cat([pad(v, (0, 0) * (v.dim() - 2) + (0, most - v.shape[1])) for v in values])
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token inputs the model takes beside the ids, computed from them (padding included)."""

@@ -12,10 +12,7 @@ ends each with `</s>`, as LLaVA was trained; LLaVA-NeXT's writes `</s>` itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from ._chat import ChatFamily
 
@@ -32,6 +29,7 @@ class Llava(ChatFamily):
     memory = "llava-1.5-7b: ~18 GiB bf16 LoRA at batch 4, ~8 GiB as QLoRA (estimates, not measured)"
     image_token = "<image>"
     end_of_turn = "</s>"
+    padded_views = ("pixel_values",)  # LLaVA-NeXT's (1, views, 3, H, W); 1.5's (1, 3, H, W) pads nothing
 
     def _features_per_view(self) -> tuple[int, int]:
         """(patches per side of one view, tokens besides them: the class token where it is kept)."""
@@ -62,12 +60,3 @@ class Llava(ChatFamily):
 
     def image_tokens(self, processor: Any, width: int, height: int) -> int | None:
         return self._anyres_tokens(height, width) if self.config.model_type == "llava_next" else None
-
-    def collate_images(self, name: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        # LLaVA-NeXT's pixels are (1, views, 3, H, W), the views varying with the image: padded to the most
-        if name != "pixel_values" or values[0].dim() != 5:
-            return super().collate_images(name, values)
-        most = max(v.shape[1] for v in values)
-        return torch.cat(
-            [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, most - v.shape[1])) for v in values]
-        )
