@@ -503,6 +503,43 @@ def build_smolvlm(out: Path, kind: str = "smolvlm") -> Path:
     return _save(model, getattr(transformers, f"{names}Processor")(**parts), out)
 
 
+def build_paligemma(out: Path) -> Path:
+    """PaliGemma 2: a 32-pixel SigLIP over 8-pixel patches (16 image tokens), a Gemma 2 language model, Gemma's
+    tokenizer with the `<image>` token and the 1,152 `<locNNNN>` / `<segNNN>` tokens the processor adds."""
+    import transformers
+
+    tok = gemma_tokenizer(corpus() + ["caption en\n", "answer en "] * 20, images={})
+    images = transformers.SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    images.image_seq_length = (IMAGE // 8) ** 2  # the processor reads it, as PaliGemma's checkpoints save it
+    processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds its tokens
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(VISION, model_type="siglip_vision_model", vision_use_head=False),
+        text_config=dict(
+            model_type="gemma2",
+            **TEXT,
+            vocab_size=len(tok),
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=64,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            initializer_range=0.2,  # see LOGIT_RANGE
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tok),
+        projection_dim=32,
+        hidden_size=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -515,6 +552,7 @@ BUILDERS = {
     "llava-next": lambda out: build_llava(out, "llava_next"),
     "internvl": build_internvl,
     "smolvlm": build_smolvlm,
+    "paligemma-2": build_paligemma,
 }
 # Families' other members, built for the chat-family tests only (the contract runs one member per family).
 MEMBERS = {"idefics3": lambda out: build_smolvlm(out, "idefics3")}

@@ -134,18 +134,21 @@ def smolvlm_tokenizer(texts: list[str], vocab_size: int = 400, grid: int = 4):
     return out
 
 
-def gemma_tokenizer(texts: list[str], vocab_size: int = 400):
-    """Gemma 3's layout: <pad>=0, <eos>=1, <bos>=2 (put before every text), <unk>=3, the turn markers
+GEMMA3_IMAGE_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def gemma_tokenizer(texts: list[str], vocab_size: int = 400, images: dict[str, str] | None = None):
+    """Gemma's layout: <pad>=0, <eos>=1, <bos>=2 (put before every text), <unk>=3, the turn markers
     `<start_of_turn>` / `<end_of_turn>` (an instruct model's end of turn) and the image markers the processor
-    reads as `boi_token`, `eoi_token` and `image_token`."""
+    reads by name (`images`; Gemma 3's by default: `boi_token`, `eoi_token` and `image_token`)."""
     from transformers import GemmaTokenizerFast
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    images = {
-        "boi_token": "<start_of_image>",
-        "eoi_token": "<end_of_image>",
-        "image_token": "<image_soft_token>",
-    }
+    images = GEMMA3_IMAGE_TOKENS if images is None else images
     texts = [*texts, *["user\nmodel\nDescribe this image.\n\n"] * 50]
     # SentencePiece's kind, as GemmaTokenizer lays it out: spaces as "▁", bytes as <0xNN> for what the
     # vocabulary lacks

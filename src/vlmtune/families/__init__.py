@@ -12,6 +12,7 @@ from .gemma3 import Gemma3
 from .instructblip import InstructBlip
 from .internvl import InternVL
 from .llava import Llava
+from .paligemma import PaliGemma
 from .qwen_vl import QwenVL
 from .smolvlm import SmolVLM
 
@@ -25,6 +26,7 @@ FAMILIES: tuple[type[Family], ...] = (
     Llava,
     InternVL,
     SmolVLM,
+    PaliGemma,
 )
 
 

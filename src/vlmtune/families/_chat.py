@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ._text import LORA_TARGETS, assemble, end_tokens, new_tokens
-from .base import IGNORE_INDEX, Family, Layout, unwrap
+from ._text import assemble, end_tokens
+from ._vlm import TransformersVLM
+from .base import IGNORE_INDEX, Layout
 
 
-class ChatFamily(Family):
+class ChatFamily(TransformersVLM):
     """A decoder-only family prompted through its processor's chat template."""
 
     trains_history = True  # a dialogue is one sequence: every reply trained in place
@@ -38,12 +39,6 @@ class ChatFamily(Family):
     caption_prompt = "Describe this image."
     image_token: str  # the placeholder the template writes, which the processor expands
     end_of_turn: str  # the token that ends a reply in the template (trained; generation stops there)
-
-    model_types: tuple[str, ...] = ()  # the transformers `model_type`s of the family's checkpoints
-
-    @classmethod
-    def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) in cls.model_types
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -271,35 +266,14 @@ class ChatFamily(Family):
             cache[text] = sum(1 for i in ids["input_ids"][0] if i != self.image_token_id) - len(alone)
         return cache[text]
 
-    def language_model(self, model: Any) -> Any:
-        return unwrap(model).model.language_model
-
-    lora = "every language-model linear: q/k/v/o_proj, gate/up/down_proj"
-
-    def lora_target_modules(self) -> str:
-        # every chat family's language model has LLaMA's projections, under `language_model`
-        return LORA_TARGETS["llama"]
-
-    def group_modules(self, group: str) -> list[str]:
-        # transformers' names in most of its VLMs (LLaVA, Gemma 3, ...); a family that differs says its own
-        return {"projector": ["multi_modal_projector"], "vision": ["vision_tower"]}[group]
-
-    def frozen_modules(self, groups: Sequence[str]) -> list[str]:
-        """The modules of every group that does not train."""
-        return [m for g in self.groups if g not in groups for m in self.group_modules(g)]
-
     def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
         self.bind(processor)
         return super().decode(processor, tokens)
 
     # --- generation -------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate_tokens(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
-        self.bind(processor)
-        kwargs.setdefault("eos_token_id", sorted(self.end_token_ids))
-        kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
-        out = model.generate(**batch, **kwargs)
-        return new_tokens(out, batch, False)
+        self.bind(processor)  # the end-of-turn id, where generation stops
+        return super().generate_tokens(model, processor, batch, **kwargs)

@@ -89,12 +89,6 @@ def assemble(
     return pad_rows(rows, labels if target_ids is not None else None, pad_id, padding_side)
 
 
-def new_tokens(out: torch.Tensor, batch: dict[str, Any], encoder_decoder: bool) -> torch.Tensor:
-    """What `generate` produced beyond its input: a decoder-only model returns the prompt too (B, T_prompt +
-    T_new), an encoder-decoder one the decoder start token then the new tokens."""
-    return out[:, 1:] if encoder_decoder else out[:, batch["input_ids"].shape[1] :]
-
-
 def target_text(prompt: str, target: str, encoder_decoder: bool) -> str:
     """The target as it is tokenised: after a prompt ("... Answer:") the answer is a new word, so a
     byte-level tokenizer gets its leading space; a bare caption, or a decoder's own sequence, starts clean."""

@@ -118,9 +118,10 @@ class Family(ABC):
     def modules_to_save(self, groups: Sequence[str]) -> list[str]:
         return [m for g in groups for m in self.group_modules(g)]
 
-    @abstractmethod
     def frozen_modules(self, groups: Sequence[str]) -> list[str]:
-        """Modules with no trainable weight when `groups` train: kept in eval mode (no dropout noise)."""
+        """Modules with no trainable weight when `groups` train: kept in eval mode (no dropout noise). By
+        default the modules of every group that does not train."""
+        return [m for g in self.groups if g not in groups for m in self.group_modules(g)]
 
     def cache_level(self, groups: Sequence[str], model: Any) -> tuple[str | None, str]:
         """(what part of the image path can be computed once per image, why), for the trainable `groups`:
@@ -280,12 +281,20 @@ class Family(ABC):
 
     # --- generation -------------------------------------------------------------------------------------
 
-    @abstractmethod
+    encoder_decoder = False  # whether the language model is an encoder-decoder (T5): what `generate` returns
+
+    @torch.no_grad()
     def generate_tokens(
         self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
         """The new tokens for `batch` (B, T_new), prompt stripped; rows that stopped early end in padding.
-        Keyword arguments go to transformers' `generate` (streamer, stopping criteria, sampling...)."""
+        Keyword arguments go to transformers' `generate` (streamer, stopping criteria, sampling...); by
+        default the model's own `generate`, stopping at `end_token_ids`."""
+        kwargs.setdefault("eos_token_id", sorted(self.end_token_ids))
+        kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
+        out = model.generate(**batch, **kwargs)
+        # a decoder-only model returns the prompt too; an encoder-decoder one its decoder start token first
+        return out[:, 1:] if self.encoder_decoder else out[:, batch["input_ids"].shape[1] :]
 
     def generation_groups(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, Any]]]:
         """(rows, sub-batch) pairs that can share one `generate_tokens` call; all of `batch` by default. A

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._text import assemble, end_tokens, lora_targets, new_tokens, target_text
+from ._text import assemble, end_tokens, lora_targets, target_text
 from .base import IGNORE_INDEX, Family, Layout, unwrap
 
 # What each trainable group trains in full (peft `modules_to_save`).
@@ -39,7 +39,7 @@ class Blip2(Family):
     lora = "every OPT linear: q_proj, k_proj, v_proj, out_proj, fc1, fc2"
     cache = "ViT + Q-Former + projection output; the ViT's alone when a group trains"
     memory = "OPT-2.7B: ~10 GiB bf16 LoRA, ~7.6 GiB QLoRA (batch 8, measured on an H200)"
-    encoder_decoder = False  # the language model's kind; Flan-T5's subclass says True
+    encoder_decoder = False  # OPT; Flan-T5's subclass says True
     lm_types: tuple[str, ...] = ("opt",)
 
     @classmethod
@@ -236,15 +236,6 @@ class Blip2(Family):
         return base.language_projection(out.to(image_embeds.dtype))  # the Q-Former is kept in fp32
 
     # --- generation -------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate_tokens(
-        self, model: Any, processor: Any, batch: dict[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
-        kwargs.setdefault("eos_token_id", sorted(self.end_token_ids))
-        kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
-        out = model.generate(**batch, **kwargs)
-        return new_tokens(out, batch, self.encoder_decoder)
 
 
 def _first_prompts(prompts: Sequence[str], history: Sequence[tuple[tuple[str, str], ...]]) -> list[str]:
