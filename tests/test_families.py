@@ -178,6 +178,8 @@ def plain_captions(model, processor, family, paths: list[Path], prompt: str) -> 
     if not model.config.get_text_config().is_encoder_decoder:
         # the prompt comes back too (BLIP's generate drops the last prompt token, its [SEP])
         out = [ids[inputs["input_ids"].shape[1] - (family.name == "blip") :] for ids in out]
+    else:  # the decoder's start token first (BART's is its `</s>`, which would end the text at once)
+        out = [ids[1:] for ids in out]
     texts = [processor.tokenizer.decode(family.cut(ids), skip_special_tokens=True).strip() for ids in out]
     return {p.name: t for p, t in zip(paths, texts, strict=True)}
 

@@ -16,6 +16,7 @@ import torch
 
 from vlmtune.data.synthetic import examples
 from vlmtune.tiny import (
+    bart_tokenizer,
     bert_tokenizer,
     bpe_tokenizer,
     gemma_tokenizer,
@@ -540,6 +541,49 @@ def build_paligemma(out: Path) -> Path:
     return _save(model, processor, out)
 
 
+def build_florence2(out: Path) -> Path:
+    """Florence-2: a two-stage DaViT over a 32-pixel image (strides 4 then 2: a 4 x 4 grid, 16 + 1 pooled =
+    17 image tokens), a BART encoder-decoder, BART's tokenizer kind with the `<image>` token."""
+    import transformers
+
+    tok = bart_tokenizer(corpus() + ["What does the image describe?"] * 20)
+    images = transformers.CLIPImageProcessor(
+        size={"height": IMAGE, "width": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
+    )
+    images.image_seq_length = 17  # the processor reads it, as Florence-2's checkpoints save it
+    vision = dict(
+        depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+        embed_dim=[16, 32], num_heads=[2, 2], num_groups=[2, 2], window_size=4, projection_dim=32,
+        max_temporal_embeddings=4, max_position_embeddings=8, drop_path_rate=0.0,
+    )  # fmt: skip
+    config = transformers.Florence2Config(
+        vision_config=vision,
+        text_config=dict(
+            model_type="bart",
+            vocab_size=len(tok),
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            dropout=0.0,
+            init_std=0.2,  # see LOGIT_RANGE
+        ),  # fmt: skip
+        image_token_id=tok.image_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.Florence2ForConditionalGeneration(config)
+    processor = transformers.Florence2Processor(image_processor=images, tokenizer=tok)
+    return _save(model, processor, out)
+
+
 BUILDERS = {
     "blip-2-t5": lambda out: build_blip2(out, "t5"),
     "instructblip-vicuna": lambda out: build_instructblip(out, "llama"),
@@ -553,6 +597,7 @@ BUILDERS = {
     "internvl": build_internvl,
     "smolvlm": build_smolvlm,
     "paligemma-2": build_paligemma,
+    "florence-2": build_florence2,
 }
 # Families' other members, built for the chat-family tests only (the contract runs one member per family).
 MEMBERS = {"idefics3": lambda out: build_smolvlm(out, "idefics3")}

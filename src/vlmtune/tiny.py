@@ -35,6 +35,27 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
     return out
 
 
+def bart_tokenizer(texts: list[str], vocab_size: int = 300):
+    """BART's layout, as Florence-2 ships it: <s>=0, <pad>=1, </s>=2, <unk>=3, every text as `<s> text </s>`,
+    and the `<image>` token its processor reads as `image_token`."""
+    from transformers import BartTokenizer
+
+    tok = _byte_level_bpe(texts, vocab_size, ["<s>", "<pad>", "</s>", "<unk>", "<image>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    out = BartTokenizer(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
+
+
 def t5_tokenizer(texts: list[str]):
     """T5's layout: <pad>=0 (also the decoder's start), </s>=1 appended to every text, <unk>=2; <image>."""
     from transformers import T5TokenizerFast

@@ -8,6 +8,7 @@ from .base import IGNORE_INDEX, Family, to_model, unwrap
 from .blip import Blip
 from .blip2 import Blip2
 from .blip2_t5 import Blip2T5
+from .florence2 import Florence2
 from .gemma3 import Gemma3
 from .instructblip import InstructBlip
 from .internvl import InternVL
@@ -27,6 +28,7 @@ FAMILIES: tuple[type[Family], ...] = (
     InternVL,
     SmolVLM,
     PaliGemma,
+    Florence2,
 )
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ._text import assemble, end_tokens
 from ._vlm import TransformersVLM
-from .base import IGNORE_INDEX, Layout
+from .base import IGNORE_INDEX, Layout, require_image_tokens
 
 
 class ChatFamily(TransformersVLM):
@@ -232,14 +232,7 @@ class ChatFamily(TransformersVLM):
 
     def check_image_tokens(self, ids: list[int], image_inputs: dict[str, Any]) -> int:
         """The image tokens in `ids`, checked against what the image gives (`image_token_count`)."""
-        found = sum(1 for i in ids if i == self.image_token_id)
-        want = self.image_token_count(image_inputs)
-        if found != want:
-            raise ValueError(
-                f"the text holds {found} image tokens but the image gives {want}: the processor and the "
-                "model's config disagree (a processor from another checkpoint?)"
-            )
-        return found
+        return require_image_tokens(ids, self.image_token_id, self.image_token_count(image_inputs))
 
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:
         """How many image tokens the model fills from one processed image."""

@@ -52,6 +52,18 @@ def pad_rows(
     return out
 
 
+def require_image_tokens(ids: Sequence[int], image_token_id: int, want: int) -> int:
+    """The image placeholders in one example's `ids`, which must be as many as its image gives the model
+    (`want`): else the model would fail mid-step on "image features and image tokens do not match"."""
+    found = sum(1 for i in ids if i == image_token_id)
+    if found != want:
+        raise ValueError(
+            f"the text holds {found} image tokens but the image gives {want}: the processor and the model's "
+            "config disagree (a processor from another checkpoint?)"
+        )
+    return found
+
+
 def unwrap(model: Any) -> Any:
     """The transformers model under Accelerate's (DDP) and peft's wrappers."""
     model = getattr(model, "module", model)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ._text import assemble, end_tokens
 from ._vlm import TransformersVLM
-from .base import IGNORE_INDEX, Layout
+from .base import IGNORE_INDEX, Layout, require_image_tokens
 
 
 class PaliGemma(TransformersVLM):
@@ -63,12 +63,7 @@ class PaliGemma(TransformersVLM):
         enc = processor(images=list(images), text=text, padding=False)
         rows = [list(ids) for ids in enc["input_ids"]]
         for ids in rows:
-            found = sum(1 for i in ids if i == self.image_token_id)
-            if found != self.num_image_tokens:
-                raise ValueError(
-                    f"the text holds {found} image tokens but the image gives {self.num_image_tokens}: the "
-                    "processor and the model's config disagree (a processor from another checkpoint?)"
-                )
+            require_image_tokens(ids, self.image_token_id, self.num_image_tokens)
         target_ids = None
         if targets is not None:
             target_ids = [tok(t.strip(), add_special_tokens=False)["input_ids"] for t in targets]
