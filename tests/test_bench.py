@@ -23,15 +23,16 @@ def test_benchmark_prints_the_table_and_ratios(tmp_path):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-    rows = re.findall(r"^\| (seed|vlmtune)-(train|caption) .*$", done.stdout, re.M)
-    assert sorted(rows) == sorted([(s, t) for s in ("seed", "vlmtune") for t in ("train", "caption")])
-    assert re.search(r"^train: \d+\.\dx$", done.stdout, re.M)
-    assert re.search(r"^caption: \d+\.\dx$", done.stdout, re.M)
-    assert re.search(r"^train, the seed's LoRA targets: \d+\.\dx$", done.stdout, re.M)
+    rows = re.findall(r"^\| ((?:seed|seed-corrected|vlmtune)-(?:train|caption)) .*$", done.stdout, re.M)
+    assert sorted(rows) == sorted(
+        ["seed-train", "seed-corrected-train", "vlmtune-train", "seed-caption", "vlmtune-caption"]
+    )
+    for ratio in ("train", "caption", "train, the seed's LoRA targets", "train vs the corrected seed"):
+        assert re.search(rf"^{ratio}: \d+\.\dx \(\d+\.\d\dx the work memory\)$", done.stdout, re.M), ratio
     results = json.loads(out.read_text())["results"]
     # One epoch of 4 images on each side; memory above the loaded model is a part of the peak.
-    trained = [results[k]["samples"] for k in ("seed-train", "vlmtune-train", "vlmtune-train-seed-lora")]
-    assert trained == [4, 4, 4]
+    runs = ("seed-train", "seed-corrected-train", "vlmtune-train", "vlmtune-train-seed-lora")
+    assert [results[k]["samples"] for k in runs] == [4, 4, 4, 4]
     assert all(0 <= r["work_gib"] <= r["peak_gib"] for r in results.values())
 
 
@@ -44,3 +45,31 @@ def test_cache_benchmark_prints_its_table():
     rows = re.findall(r"^\| (memory|disk) +\| +(\d) +\| +[\d.]+ \| +(\d+) \|", done.stdout, re.M)
     assert sorted(rows) == [(t, k, "1") for t in ("disk", "memory") for k in ("1", "2")]  # one file each
     assert re.search(r"^disk, 2 processes over 1: \d+\.\dx$", done.stdout, re.M)
+
+
+def test_the_corrected_seed_trains_what_vlmtune_trains(tiny_path):
+    """The fair baseline is fair: for the same captions it lays out the ids and labels vlmtune does (the
+    image placeholders, <s>, the caption and its end; only the caption and end trained), padding aside."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from seed_corrected import collate
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmtune.data.synthetic import examples
+    from vlmtune.families import family_for
+
+    processor, config = AutoProcessor.from_pretrained(tiny_path), AutoConfig.from_pretrained(tiny_path)
+    rows = [{"image": e.image, "text": e.text} for e in examples("football", 2, 0)]
+    theirs = collate(processor, config, rows)
+    ours = family_for(config).encode(
+        processor, [r["image"] for r in rows], ["", ""], [r["text"] for r in rows], max_length=64,
+        padding_side="right",
+    )  # fmt: skip
+    for i in range(2):
+        kept = theirs["attention_mask"][i] == 1
+        assert (
+            theirs["input_ids"][i][kept].tolist()
+            == ours["input_ids"][i][ours["attention_mask"][i] == 1].tolist()
+        )
+        assert (
+            theirs["labels"][i][kept].tolist() == ours["labels"][i][ours["attention_mask"][i] == 1].tolist()
+        )
