@@ -35,7 +35,7 @@ class Florence2(TransformersVLM):
     caption_prompt = "<CAPTION>"
     question_template = "{question}"
     lora = "every BART linear: q_proj, k_proj, v_proj, out_proj, fc1, fc2 (encoder and decoder)"
-    cache = "none yet"
+    cache = "none (its forward takes no precomputed image features)"
     memory = "Florence-2-large (0.77B): ~5 GiB bf16 LoRA at batch 8 (estimate, not measured)"
     encoder_decoder = True
 

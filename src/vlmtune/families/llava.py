@@ -25,7 +25,7 @@ class Llava(ChatFamily):
         "projector": "the MLP projector (CLIP features -> language width)",
         "vision": "the CLIP vision tower",
     }
-    cache = "none yet"
+    cache = "LLaVA-1.5: CLIP + projector output, when neither trains; LLaVA-NeXT: none yet (tiles vary)"
     memory = "llava-1.5-7b: ~18 GiB bf16 LoRA at batch 4, ~8 GiB as QLoRA (estimates, not measured)"
     image_token = "<image>"
     end_of_turn = "</s>"
@@ -36,6 +36,11 @@ class Llava(ChatFamily):
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         return side, int(self.config.vision_feature_select_strategy == "full")
+
+    pooled_per_image = True
+
+    def fixed_image_tokens(self) -> bool:
+        return self.config.model_type == "llava"  # NeXT's anyres tiles vary with the image
 
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:
         side, extra = self._features_per_view()

@@ -37,7 +37,7 @@ class PaliGemma(TransformersVLM):
     }
     caption_prompt = "caption en"
     question_template = "answer en {question}"
-    cache = "none yet"
+    cache = "vision tower + projector output, when neither trains"
     memory = "paligemma2-3b-224: ~10 GiB bf16 LoRA at batch 4 (estimate, not measured)"
 
     def __init__(self, config: Any):
@@ -45,6 +45,9 @@ class PaliGemma(TransformersVLM):
         self.image_token_id: int = config.image_token_id
         self.num_image_tokens: int = config.text_config.num_image_tokens
         self.end_token_ids = end_tokens(config.text_config)
+
+    def fixed_image_tokens(self) -> bool:
+        return True  # every image resized to the tower's size: num_image_tokens each
 
     # --- inputs -------------------------------------------------------------------------------------------
 
