@@ -25,7 +25,7 @@ def qwen(tmp_path_factory):
     return str(path), family_for(AutoConfig.from_pretrained(path)), AutoProcessor.from_pretrained(path)
 
 
-CHAT_KINDS = ["qwen2-vl", "gemma-3", "llava-1.5", "llava-next", "internvl", "smolvlm", "idefics3"]
+CHAT_KINDS = ["qwen2-vl", "qwen3-vl", "gemma-3", "llava-1.5", "llava-next", "internvl", "smolvlm", "idefics3"]
 
 
 @pytest.fixture(scope="module", params=CHAT_KINDS)

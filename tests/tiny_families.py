@@ -216,12 +216,28 @@ QWEN2_VL_TEMPLATE = (
 )
 
 
+# Qwen3-VL-*-Instruct's chat template is not available offline; this one is written here to render user and
+# assistant turns as it does ("<|im_start|>role\n...<|im_end|>\n", no default system turn, the image as
+# <|vision_start|><|image_pad|><|vision_end|>, the generation prompt "<|im_start|>assistant\n"). vlmtune lays
+# out examples with whatever template a checkpoint carries, so only this test's fidelity rests on it.
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' }}{%- if message['content'] is "
+    "string %}{{- message['content'] }}{%- else %}{%- for content in message['content'] %}{%- if content['type'] "
+    "== 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- endif %}"
+)
+
+
 def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
-    """Qwen2-VL / Qwen2.5-VL: 8-pixel patches merged 2 x 2, so a 32 x 32 image gives 4 image tokens (a larger
-    one more), between the real special tokens, with the real chat template."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: 8-pixel patches merged 2 x 2, so a 32 x 32 image gives 4 image tokens
+    (a larger one more), between the real special tokens, with the real chat template (Qwen3-VL's: see
+    QWEN3_VL_TEMPLATE)."""
     import transformers
 
-    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[kind]
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[kind]
     tok = qwen_tokenizer(corpus())
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}  # fmt: skip
     vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2)
@@ -230,21 +246,32 @@ def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
             vision, hidden_size=32, out_hidden_size=32, intermediate_size=64, fullatt_block_indexes=[1]
         )
         vision["window_size"] = 32
+    if kind == "qwen3_vl":  # learnt positions over a 4 x 4 grid, one deepstack merger after the first block
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+            out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=[0],
+        )  # fmt: skip
+    text = dict(
+        **TEXT,
+        vocab_size=len(tok),
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        # head_dim 16: 8 rotary frequencies, split between time, height and width
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,  # Qwen adds none
+        initializer_range=0.2,  # see LOGIT_RANGE
+        tie_word_embeddings=False,
+    )
+    if kind == "qwen3_vl":
+        text.update(head_dim=16, rope_parameters=dict(text["rope_parameters"], mrope_interleaved=True))
+    vision = dict(vision, temporal_patch_size=2, initializer_range=0.02)
+    if kind != "qwen3_vl":
+        vision["mlp_ratio"] = 2
     config = getattr(transformers, f"{names}Config")(
-        vision_config=dict(vision, temporal_patch_size=2, mlp_ratio=2, initializer_range=0.02),
-        text_config=dict(
-            **TEXT,
-            vocab_size=len(tok),
-            num_key_value_heads=1,
-            max_position_embeddings=1024,
-            # head_dim 16: 8 rotary frequencies, split between time, height and width
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,  # Qwen adds none
-            initializer_range=0.2,  # see LOGIT_RANGE
-            tie_word_embeddings=False,
-        ),
+        vision_config=vision,
+        text_config=text,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -258,9 +285,13 @@ def build_qwen_vl(out: Path, kind: str = "qwen2_vl") -> Path:
         temporal_patch_size=2,
         size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
     )
-    videos = transformers.Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2)
+    video_kind = "Qwen3VL" if kind == "qwen3_vl" else "Qwen2VL"
+    videos = getattr(transformers, f"{video_kind}VideoProcessor")(
+        patch_size=8, merge_size=2, temporal_patch_size=2
+    )
+    template = QWEN3_VL_TEMPLATE if kind == "qwen3_vl" else QWEN2_VL_TEMPLATE
     processor = getattr(transformers, f"{names}Processor")(
-        image_processor=images, tokenizer=tok, video_processor=videos, chat_template=QWEN2_VL_TEMPLATE
+        image_processor=images, tokenizer=tok, video_processor=videos, chat_template=template
     )
     return _save(model, processor, out)
 
@@ -591,6 +622,7 @@ BUILDERS = {
     "blip": build_blip,
     "qwen2-vl": build_qwen_vl,
     "qwen2.5-vl": lambda out: build_qwen_vl(out, "qwen2_5_vl"),
+    "qwen3-vl": lambda out: build_qwen_vl(out, "qwen3_vl"),
     "gemma-3": build_gemma3,
     "llava-1.5": build_llava,
     "llava-next": lambda out: build_llava(out, "llava_next"),

@@ -1,6 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL: a ViT over 14-pixel patches at the image's own resolution, a patch
-merger (2 x 2 patches -> one token of the language model's width), and a Qwen language model with 3-D rotary
-positions (time, height, width) for image tokens.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a ViT over 14-pixel (Qwen3-VL: 16-pixel) patches at the image's own
+resolution, a patch merger (2 x 2 patches -> one token of the language model's width; Qwen3-VL adds deepstack
+mergers that feed middle-layer features to the first language-model layers), and a Qwen language model with
+3-D rotary positions (time, height, width) for image tokens.
 
 An image gives a variable number of tokens: the image processor resizes it to multiples of patch x merge
 within `min_pixels`..`max_pixels` (the processor's `size`: `shortest_edge` / `longest_edge`, in pixels), and
@@ -22,8 +23,14 @@ from ._chat import ChatFamily
 
 class QwenVL(ChatFamily):
     name = "qwen-vl"
-    hub_ids = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
-    model_types = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL (its template, deepstack mergers) is not in yet
+    hub_ids = (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "Qwen/Qwen3-VL-2B-Instruct",
+        "Qwen/Qwen2-VL-2B-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "Qwen/Qwen3-VL-8B-Instruct",
+    )
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     groups = {
         "projector": "the patch merger (vision -> language width)",
         "vision": "the vision tower's patch embedding and blocks",
@@ -34,12 +41,21 @@ class QwenVL(ChatFamily):
     end_of_turn = "<|im_end|>"
 
     def group_modules(self, group: str) -> list[str]:
-        # peft saves whole modules, not a ModuleList: the tower is its patch embedding and each block
-        blocks = [f"blocks.{i}" for i in range(self.config.vision_config.depth)]
-        return {"projector": ["merger"], "vision": ["patch_embed", *blocks]}[group]
+        # peft saves whole modules, not a ModuleList: the tower is its patch embedding (Qwen3-VL: and its
+        # learnt positions) and each block; Qwen3-VL's projector also its deepstack mergers, one by one
+        vision = self.config.vision_config
+        blocks = [f"blocks.{i}" for i in range(vision.depth)]
+        deepstack = [
+            f"deepstack_merger_list.{i}" for i in range(len(getattr(vision, "deepstack_visual_indexes", ())))
+        ]
+        positions = ["visual.pos_embed"] if self.config.model_type == "qwen3_vl" else []
+        return {"projector": ["merger", *deepstack], "vision": ["patch_embed", *positions, *blocks]}[group]
 
     def frozen_modules(self, groups: Sequence[str]) -> list[str]:
-        tower = {"vision": ["patch_embed", "blocks"], "projector": ["merger"]}
+        tower = {
+            "vision": ["patch_embed", "pos_embed", "blocks"],
+            "projector": ["merger", "deepstack_merger_list"],
+        }
         return [m for g, names in tower.items() if g not in groups for m in names]
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
