@@ -5,6 +5,7 @@ and reported."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -231,10 +232,10 @@ def test_each_trained_group_can_have_its_own_learning_rate(qwen, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llava-next", "internvl", "smolvlm", "idefics3"])
-def test_tiled_image_tokens_follow_the_image_and_a_mixed_batch_trains(kind, tmp_path):
-    """LLaVA-NeXT's anyres and InternVL's tiles give a count that varies with the image's size: what `data
-    check` reports (`image_tokens`) is what encode lays out and the model fills; images tiled into different
-    grids share one batch."""
+def test_tiled_image_tokens_follow_the_image_and_a_mixed_batch_trains(kind, tmp_path, capsys):
+    """LLaVA-NeXT's anyres, InternVL's and SmolVLM's tiles give a count that varies with the image's size:
+    what `data check` reports (`image_tokens`) is what encode lays out and the model fills; images tiled into
+    different grids share one batch."""
     from transformers import AutoModelForImageTextToText
 
     from tiny_families import BUILDERS, MEMBERS
@@ -250,6 +251,19 @@ def test_tiled_image_tokens_follow_the_image_and_a_mixed_batch_trains(kind, tmp_
         counts.append(int((batch["input_ids"] == family.image_token_id).sum()))
         assert counts[-1] == family.image_tokens(processor, *image.size)
     assert len(set(counts)) > 1, counts
+    # `data check` reports the same counts for a folder of these images
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    rows = [json.dumps({"file_name": f"{i}.png", "text": "a ball"}) for i in range(len(images))]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    s = check(DataCheckConfig(data=str(folder), model=str(path), max_length=64))["splits"]["train"]
+    assert s["image_tokens"] == f"min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)}"
+    assert (
+        f"image tokens per image: {s['image_tokens']} (as the processor tiles them)"
+        in capsys.readouterr().out
+    )
     batch = family.encode(processor, images, ["hi"] * 4, ["a ball"] * 4, max_length=64, padding_side="right")
     model = AutoModelForImageTextToText.from_pretrained(path)
     assert model(**batch).loss.isfinite()

@@ -298,11 +298,14 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
         print(f"  over --max-length {cfg.max_length} tokens (would be cut): {s['truncated_at_max_length']}")
         print(f"  image modes: {s['modes']}")
         if tokens is not None:
-            size = processor.image_processor.size
-            print(
-                f"  image tokens per image: {tokens} (images resized to {size['shortest_edge']}.."
-                f"{size['longest_edge']} pixels: --min-pixels / --max-pixels)"
-            )
+            how = "as the processor tiles them"
+            if family.dynamic_resolution:
+                size = processor.image_processor.size
+                how = (
+                    f"images resized to {size['shortest_edge']}..{size['longest_edge']} pixels: --min-pixels / "
+                    "--max-pixels"
+                )
+            print(f"  image tokens per image: {tokens} ({how})")
         print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
     print(
         f"\n(caption lengths counted as {family.name} training counts them, with the tokenizer of {cfg.model})"
