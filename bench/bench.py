@@ -4,8 +4,7 @@
     python bench/bench.py --size real           # BLIP-2 OPT-2.7B dimensions, on a GPU (bench/gpu.sh)
 
 Both sides get the same model (random weights from a Blip2Config: no download), the same drawn football images
-and captions (a `datasets` copy on disk, read as the seed reads its hub dataset; `--data memory` hands both
-plain rows), the same epochs and LoRA rank, and on the CPU the same batch size. Each measurement runs in a
+and captions (a `datasets` copy on disk, read as the seed reads its hub dataset), the same epochs and LoRA rank, and on the CPU the same batch size. Each measurement runs in a
 subprocess of its own, so peak memory (RSS on the CPU, allocated CUDA memory on a GPU) is its own; `work GiB`
 is the peak above what was held when the timed part began. Times exclude loading and saving the model;
 vlmtune's include its one-off image-feature cache. The table ends with one
@@ -170,27 +169,20 @@ def one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(os.cpu_count() if device == "cuda" else torch.get_num_threads())
     out = tempfile.mkdtemp()
     if args.one in ("seed-train", "seed-corrected-train"):
+        import datasets
         import seed_corrected
 
-        if args.data_dir:  # the seed's load_dataset(..., split="train"), from the local copy
-            import datasets
-
-            train_rows = datasets.load_from_disk(args.data_dir)["train"]
-        else:
-            train_rows = rows(args.images, 0)
+        # the seed's load_dataset(..., split="train"), from the local copy
+        train_rows = datasets.load_from_disk(args.data_dir)["train"]
         recipe = seed_recipe if args.one == "seed-train" else seed_corrected
         r = recipe.train(
             args.model_dir, train_rows, out, device, args.seed_epochs or args.epochs, args.batch_size
         )
     elif args.one.startswith("vlmtune-train"):
-        import vlmtune.training.pipeline as pipeline
         import vlmtune.training.run as finetune
         from vlmtune.config import TrainConfig
         from vlmtune.rundir import read_jsonl
 
-        if not args.data_dir:  # the same in-memory rows the seed gets, with no `datasets` installed
-            train_rows = rows(args.images, 0)
-            pipeline.load_splits = lambda *a, **k: (train_rows, None)
         # The memory in use once the model is loaded and the data read, as the seed's loop starts with it.
         before, batches = {}, finetune.batches
 
@@ -201,7 +193,7 @@ def one(args: argparse.Namespace) -> dict:
         finetune.batches = measured_batches
         cfg = TrainConfig(
             model=args.model_dir,
-            data=args.data_dir or "(bench rows)",
+            data=args.data_dir,
             output=out,
             epochs=args.epochs,
             batch_size=args.vlmtune_batch_size or args.batch_size,
@@ -356,12 +348,6 @@ def main() -> None:
         ],
         help="measurements to make; vlmtune-train-compiled adds training with --compile",
     )
-    ap.add_argument(
-        "--data",
-        choices=("disk", "memory"),
-        default="disk",
-        help="disk: both read a `datasets` copy, as the seed does; memory: plain rows (no `datasets` installed)",
-    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -373,10 +359,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = str(Path(tmp) / f"blip2-{args.size}")
         build_model(args.size, Path(args.model_dir))
-        if args.data == "disk":
-            from vlmtune.data.synthetic import write_football_dataset
+        from vlmtune.data.synthetic import write_football_dataset
 
-            args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (args.images, 0)}))
+        args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (args.images, 0)}))
         results = {name: measure(name, args) for name in args.only}
     text = table(results, args)
     print(text)

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (under 8 minutes on an H100/H200): BLIP-2 OPT-2.7B dimensions, random
-# weights, bf16; vlmtune (image features cached, batch 64) beside the seed recipe (LLM.int8 + fp16, batch 2).
-# Needs CUDA, bitsandbytes (pip install -e '.[quant]'). The seed's loop is timed on one epoch and 16 captions:
-# its samples/s does not change with either (no cache, one image at a time), and at its speed 11 epochs
-# would take most of the budget. `--data memory`: both get plain rows, as `datasets` may not be installed there.
+# The GPU benchmark in one command: BLIP-2 OPT-2.7B dimensions, random weights, bf16. First vlmtune (image
+# features cached, batch 64) beside the seed recipe as written (LLM.int8 + fp16, batch 2) and corrected by hand
+# (bf16, batch 2); then vlmtune's step in steady state (100 timed optimizer steps after 10 of warm-up, the
+# feature pass apart) at batch 64 and 256, with MFU per row and a profile of where a step goes.
+# Needs CUDA, bitsandbytes (pip install -e '.[quant]'). The seeds' loops are timed on one epoch and 16 captions:
+# their samples/s does not change with either (no cache, one image at a time), and at their speed 11 epochs
+# would take most of the budget. Estimated from the last H200 run (154 samples/s at batch 64): ~4 minutes for
+# the first part, ~4 for the second; not yet run in this form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python bench/bench.py --size real --data memory --images 128 --epochs 11 --vlmtune-batch-size 64 --seed-epochs 1 \
-  --caption-images 64 --caption-batch-size 64 --seed-caption-images 16 --json "${1:-bench/gpu_results.json}"
+out="${1:-bench/gpu_results.json}"
+python bench/bench.py --size real --images 128 --epochs 11 --vlmtune-batch-size 64 --seed-epochs 1 \
+  --caption-images 64 --caption-batch-size 64 --seed-caption-images 16 --json "$out"
+python bench/bench_steady.py --size real --batch-sizes 64 256 --warmup 10 --steps 100 --profile-steps 5 \
+  --json "${out%.json}_steady.json"

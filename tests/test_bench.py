@@ -37,6 +37,24 @@ def test_benchmark_prints_the_table_and_ratios(tmp_path):
 
 
 @pytest.mark.slow
+def test_steady_state_benchmark_times_each_batch_size_and_profiles_a_step(tmp_path):
+    """bench/bench_steady.py, small: a row per batch size (timed after the warm-up steps, the cache pass
+    apart), then the profile of the largest."""
+    out = tmp_path / "steady.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "bench_steady.py"), "--batch-sizes", "2", "4", "--warmup", "2",
+        "--steps", "3", "--profile-steps", "2", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert re.findall(r"^\|\s+(\d+) \|\s+[\d.]+ \|", done.stdout, re.M) == ["2", "4"]
+    assert "where a step goes (batch 4, 2 steady steps" in done.stdout and "aten::mm" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    # the warm-up steps and the timed ones all ran, and the feature pass was timed apart
+    assert [r["steps"] for r in rows] == [5, 5] and all(r["cache_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_cache_benchmark_prints_its_table():
     """bench/bench_cache.py, small: one and two processes, each tier, and two processes share one file."""
     cmd = [sys.executable, str(REPO / "bench" / "bench_cache.py"), "--images", "16"]
