@@ -10,7 +10,8 @@ steady rate. A batch size that runs out of memory is reported as such and the sw
 language model's executed FLOPs (`bench_flops.py`: forward, activation-only backward, logits over the caption
 positions) against the card's dense bf16 peak; on the CPU the table gives TFLOP/s instead. Last, one more run
 at the largest batch that fitted is profiled (torch.profiler over a few steady steps) and its top operators by
-self time are printed.
+self time are printed. `--variants` compares `vlmtune train` settings side by side in the same run (each batch
+size under each, ratios against the first), e.g. `--variants "" "lm_dropout=0" "lm_dropout=0,lora_dropout=0"`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def one(args: argparse.Namespace) -> dict:
         num_samples=0,
         log_every=max(total, 1),
         report_to=["none"],
+        **json.loads(args.overrides),
     )
     try:
         finetune.train(cfg)
@@ -114,21 +116,35 @@ def one(args: argparse.Namespace) -> dict:
     return r
 
 
-def measure(args: argparse.Namespace, batch: int, profile: bool = False) -> dict:
+def measure(args: argparse.Namespace, batch: int, variant: str = "", profile: bool = False) -> dict:
     cmd = [
         sys.executable, __file__, "--one", "--model-dir", args.model_dir, "--batch", str(batch),
         "--warmup", str(args.warmup), "--steps", str(args.profile_steps if profile else args.steps),
-        "--profile-rows", str(args.profile_rows), "--data-dir", args.data_dir,
+        "--profile-rows", str(args.profile_rows), "--data-dir", args.data_dir, "--overrides",
+        json.dumps(overrides(variant)),
         *(["--profile"] if profile else []),
     ]  # fmt: skip
-    print(f"[steady] batch {batch}{' (profiled)' if profile else ''} ...", file=sys.stderr, flush=True)
+    print(
+        f"[steady] {variant or 'default'}, batch {batch}{' (profiled)' if profile else ''} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode != 0:
         if "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr:
-            return {"batch": batch, "oom": True}
+            return {"variant": variant, "batch": batch, "oom": True}
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"batch {batch} failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"variant": variant, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def overrides(variant: str) -> dict:
+    """`vlmtune train` settings of a variant: "lm_dropout=0,lora_dropout=0" -> {"lm_dropout": 0.0, ...}."""
+    out = {}
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = json.loads(value)
+    return out
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -137,21 +153,28 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"machine: {bench.machine()}; model: {args.size}; {args.warmup} warm-up steps, then {args.steps} timed",
         "",
-        "| batch | samples/s | step ms | cache s | peak GiB | TFLOP/s |    MFU |",
-        "|-------|-----------|---------|---------|----------|---------|--------|",
+        f"| {'settings':28} | batch | samples/s | step ms | cache s | peak GiB | TFLOP/s |    MFU |",
+        f"|{'-' * 30}|-------|-----------|---------|---------|----------|---------|--------|",
     ]
+    first: dict[int, float] = {}  # samples/s of the first settings, per batch size
+    ratios = []
     for r in rows:
+        name = r["variant"] or "default"
         if r.get("oom"):
-            lines.append(
-                f"| {r['batch']:>5} | out of memory |         |         |          |         |        |"
-            )
+            lines.append(f"| {name:28} | {r['batch']:>5} | out of memory | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
         lines.append(
-            f"| {r['batch']:>5} | {r['samples_per_s']:>9.2f} | {r['step_ms']:>7.1f} | {r['cache_s']:>7.2f} "
-            f"| {r['peak_gib']:>8.2f} | {r['tflop_s']:>7.3f} | {mfu:>6} |"
+            f"| {name:28} | {r['batch']:>5} | {r['samples_per_s']:>9.2f} | {r['step_ms']:>7.1f} "
+            f"| {r['cache_s']:>7.2f} | {r['peak_gib']:>8.2f} | {r['tflop_s']:>7.3f} | {mfu:>6} |"
         )
-    return "\n".join(lines)
+        if r["variant"] == rows[0]["variant"]:
+            first[r["batch"]] = r["samples_per_s"]
+        elif r["batch"] in first:
+            ratios.append(
+                f"{name}, batch {r['batch']}: {r['samples_per_s'] / first[r['batch']]:.2f}x the first settings"
+            )
+    return "\n".join(lines + ([""] + ratios if ratios else []))
 
 
 def main() -> None:
@@ -164,12 +187,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps timed")
     ap.add_argument("--profile-steps", type=int, default=5, help="steady steps profiled (0: no profile)")
     ap.add_argument("--profile-rows", type=int, default=12)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        help='`vlmtune train` settings to compare, each "key=value,key=value" ("" for the defaults); every '
+        "batch size runs under each, and ratios are against the first",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args)))
@@ -183,9 +214,11 @@ def main() -> None:
         # images: enough for the largest batch; epochs repeat them)
         n = max(16, *args.batch_sizes)
         args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (n, 0)}))
-        rows = [measure(args, b) for b in args.batch_sizes]
-        fitted = [r["batch"] for r in rows if not r.get("oom")]
-        profiled = measure(args, max(fitted), profile=True) if fitted and args.profile_steps else None
+        rows = [measure(args, b, v) for v in args.variants for b in args.batch_sizes]
+        fitted = [r["batch"] for r in rows if not r.get("oom") and r["variant"] == args.variants[0]]
+        profiled = None
+        if fitted and args.profile_steps:
+            profiled = measure(args, max(fitted), args.variants[0], profile=True)
     print(table(rows, args))
     if profiled is not None:
         print(

@@ -43,15 +43,16 @@ def test_steady_state_benchmark_times_each_batch_size_and_profiles_a_step(tmp_pa
     out = tmp_path / "steady.json"
     cmd = [
         sys.executable, str(REPO / "bench" / "bench_steady.py"), "--batch-sizes", "2", "4", "--warmup", "2",
-        "--steps", "3", "--profile-steps", "2", "--json", str(out),
+        "--steps", "3", "--profile-steps", "2", "--variants", "", "lora_dropout=0", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-    assert re.findall(r"^\|\s+(\d+) \|\s+[\d.]+ \|", done.stdout, re.M) == ["2", "4"]
+    assert re.findall(r"^\| default\s+\|\s+(\d+) \|\s+[\d.]+ \|", done.stdout, re.M) == ["2", "4"]
+    assert re.search(r"^lora_dropout=0, batch 4: \d+\.\d\dx the first settings$", done.stdout, re.M)
     assert "where a step goes (batch 4, 2 steady steps" in done.stdout and "aten::mm" in done.stdout
     rows = json.loads(out.read_text())["rows"]
     # the warm-up steps and the timed ones all ran, and the feature pass was timed apart
-    assert [r["steps"] for r in rows] == [5, 5] and all(r["cache_s"] > 0 for r in rows)
+    assert [r["steps"] for r in rows] == [5, 5, 5, 5] and all(r["cache_s"] > 0 for r in rows)
 
 
 @pytest.mark.slow

@@ -180,3 +180,29 @@ def test_sharded_engines_are_refused_before_the_weights_load(football, tmp_path,
     assert loaded == []
     for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         run_module.validate_engine(fine)
+
+
+def test_lm_dropout_replaces_the_language_models_own(tiny_path):
+    """--lm-dropout sets the language model's dropout (the tiny base's is 0): the training forward is then
+    noisy, and with the checkpoint's own 0 it repeats exactly."""
+    from PIL import Image
+
+    from vlmtune.config import TrainConfig
+    from vlmtune.errors import ConfigError
+    from vlmtune.modeling import load_base
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    losses = {}
+    for p in (None, 0.3):
+        model, processor, family = load_base(tiny_path, "float32", device=torch.device("cpu"), lm_dropout=p)
+        assert family.language_model(model).config.dropout == (p or 0.0)
+        batch = family.encode(
+            processor, [image] * 2, ["", ""], ["a red ball"] * 2, max_length=32, padding_side="right"
+        )
+        model.train()
+        with torch.no_grad():
+            losses[p] = [model(**batch).loss.item() for _ in range(2)]
+    assert losses[None][0] == losses[None][1]
+    assert losses[0.3][0] != losses[0.3][1]
+    with pytest.raises(ConfigError, match=r"--lm-dropout must be in \[0, 1\)"):
+        train(TrainConfig(model=tiny_path, data="unused", lm_dropout=1.5))

@@ -93,6 +93,9 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lm_dropout: float | None = opt(
+        None, "the language model's own dropout (OPT's 0.1; most chat models' 0); default: the checkpoint's"
+    )
     lora_targets: str | None = opt(None, "peft target_modules regex (default: the family's, see README)")
     train_modules: list[str] = opt(
         [],

@@ -77,10 +77,20 @@ def load_processor(path: str) -> Any:
         raise _unreachable(path, e) from e
 
 
+# Where language models keep their dropout probabilities (OPT: dropout, attention_dropout, activation_dropout;
+# LLaMA-kind: attention_dropout; T5: dropout_rate; BART: dropout and friends).
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate", "hidden_dropout")
+
+
 def load_base(
-    name: str, dtype: str = "auto", quantize: str = "none", device: torch.device | None = None
+    name: str,
+    dtype: str = "auto",
+    quantize: str = "none",
+    device: torch.device | None = None,
+    lm_dropout: float | None = None,
 ) -> tuple[Any, Any, Family]:
-    """The base model (on `device`, in eval mode, every weight frozen), its processor and its family."""
+    """The base model (on `device`, in eval mode, every weight frozen), its processor and its family;
+    `lm_dropout`, given, replaces every dropout probability of the language model's config."""
     from transformers import AutoModelForImageTextToText
 
     device = device or default_device()
@@ -89,6 +99,12 @@ def load_base(
     family = family_for(config)
     torch_dtype = pick_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if lm_dropout is not None:
+        text = config.get_text_config()
+        for field in DROPOUT_FIELDS:
+            if isinstance(getattr(text, field, None), (int, float)):
+                setattr(text, field, lm_dropout)
+        kwargs["config"] = config
     if quantize != "none":
         from transformers import BitsAndBytesConfig
 

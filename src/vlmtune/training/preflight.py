@@ -25,6 +25,8 @@ def validate_train(cfg: TrainConfig) -> None:
         p.append(f"--lr must be positive (got {cfg.lr})")
     if not 0 <= cfg.lora_dropout < 1:
         p.append(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if cfg.lm_dropout is not None and not 0 <= cfg.lm_dropout < 1:
+        p.append(f"--lm-dropout must be in [0, 1) (got {cfg.lm_dropout})")
     if cfg.streaming:
         for bad, why in (
             (cfg.max_steps is None, "--streaming needs --max-steps: a stream's length is unknown"),

@@ -194,7 +194,9 @@ def _prepare_run_dir(run: Path, resumed: bool) -> None:
 
 def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     """The frozen base with LoRA added (and k-bit / checkpointing preparation where asked)."""
-    model, processor, family = load_base(cfg.model, cfg.dtype, cfg.quantize, accelerator.device)
+    model, processor, family = load_base(
+        cfg.model, cfg.dtype, cfg.quantize, accelerator.device, lm_dropout=cfg.lm_dropout
+    )
     if cfg.min_pixels or cfg.max_pixels:  # saved with the run's processor, so inference sizes images alike
         family.set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     if cfg.quantize != "none":
