@@ -81,7 +81,16 @@ def card_text(run: Path, info: dict[str, Any]) -> str:
 
 def _settings(cfg: dict[str, Any]) -> list[list[str]]:
     keys = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio", "lora_r")
-    keys += ("lora_alpha", "lora_dropout", "lm_dropout", "lora_targets", "train_modules", "max_length", "dtype", "quantize")
+    keys += (
+        "lora_alpha",
+        "lora_dropout",
+        "lm_dropout",
+        "lora_targets",
+        "train_modules",
+        "max_length",
+        "dtype",
+        "quantize",
+    )
     keys += ("prompt", "seed")
     return [[k, f"`{cfg[k]}`"] for k in keys if cfg.get(k) not in (None, "", [])]
 
