@@ -78,16 +78,26 @@ def t5_tokenizer(texts: list[str]):
     return out
 
 
-def bert_tokenizer(texts: list[str], vocab_size: int = 300):
-    """BERT's (uncased WordPiece) layout: [PAD]=0, [UNK], [CLS], [SEP], [MASK], and BLIP's [DEC]."""
+def bert_tokenizer(texts: list[str]):
+    """BERT's (uncased WordPiece) layout: [PAD]=0, [UNK], [CLS], [SEP], [MASK], and BLIP's [DEC].
+
+    The vocabulary is written out, not trained: the specials, every character (alone and as a "##"
+    continuation, with every ASCII letter, digit and punctuation mark) and every word of `texts`, each in sorted
+    order. (tokenizers' WordPiece trainer breaks ties
+    differently from run to run, so the tiny checkpoints built on it, and the tests trained on them, varied.)"""
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))}
+    chars = sorted(
+        {c for w in words for c in w} | set(string.ascii_lowercase + string.digits + string.punctuation)
+    )
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    pieces = [*specials, *chars, *(f"##{c}" for c in chars), *sorted(words - set(chars))]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )

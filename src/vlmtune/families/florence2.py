@@ -77,7 +77,10 @@ class Florence2(TransformersVLM):
             pad_id=tok.pad_token_id,
             max_length=layout.max_length,
             image_tokens=want,
-            padding_side=layout.padding_side,
+            # BART's positions are absolute, so the encoder's rows are padded on the right even to generate
+            # (the decoder generates from its own start): left padding would shift a shorter prompt's
+            # positions from what training saw
+            padding_side="right",
         )
         batch["pixel_values"] = pixels
         return batch
