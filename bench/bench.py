@@ -141,6 +141,16 @@ def build_model(size: str, path: Path, vocab_size: int | None = None) -> None:
     ).save_pretrained(path)
 
 
+def workspace(tmp: str, size: str, images: int) -> tuple[str, str]:
+    """(model dir, data dir) in `tmp`: the random-weight model of `size` and `images` drawn football images
+    with captions as a `datasets` copy on disk, as every benchmark here reads them."""
+    from vlmtune.data.synthetic import write_football_dataset
+
+    model_dir = Path(tmp) / f"blip2-{size}"
+    build_model(size, model_dir)
+    return str(model_dir), str(write_football_dataset(Path(tmp) / "football", {"train": (images, 0)}))
+
+
 def rows(n: int, seed: int) -> list[dict]:
     from vlmtune.data.synthetic import examples
 
@@ -357,11 +367,7 @@ def main() -> None:
         print(json.dumps(one(args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        args.model_dir = str(Path(tmp) / f"blip2-{args.size}")
-        build_model(args.size, Path(args.model_dir))
-        from vlmtune.data.synthetic import write_football_dataset
-
-        args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (args.images, 0)}))
+        args.model_dir, args.data_dir = workspace(tmp, args.size, args.images)
         results = {name: measure(name, args) for name in args.only}
     text = table(results, args)
     print(text)

@@ -206,14 +206,8 @@ def main() -> None:
         print(json.dumps(one(args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        args.model_dir = str(Path(tmp) / f"blip2-{args.size}")
-        bench.build_model(args.size, Path(args.model_dir))
-        from vlmtune.data.synthetic import write_football_dataset
-
-        # the same drawn football images and captions as bench.py, as a `datasets` copy on disk (the run's
-        # images: enough for the largest batch; epochs repeat them)
-        n = max(16, *args.batch_sizes)
-        args.data_dir = str(write_football_dataset(Path(tmp) / "football", {"train": (n, 0)}))
+        # images enough for the largest batch; epochs repeat them
+        args.model_dir, args.data_dir = bench.workspace(tmp, args.size, max(16, *args.batch_sizes))
         rows = [measure(args, b, v) for v in args.variants for b in args.batch_sizes]
         fitted = [r["batch"] for r in rows if not r.get("oom") and r["variant"] == args.variants[0]]
         profiled = None
