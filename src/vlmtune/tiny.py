@@ -83,8 +83,8 @@ def bert_tokenizer(texts: list[str]):
 
     The vocabulary is written out, not trained: the specials, every character (alone and as a "##"
     continuation, with every ASCII letter, digit and punctuation mark) and every word of `texts`, each in sorted
-    order. (tokenizers' WordPiece trainer breaks ties
-    differently from run to run, so the tiny checkpoints built on it, and the tests trained on them, varied.)"""
+    order. (tokenizers' WordPiece trainer breaks ties differently from run to run, so the tiny checkpoints
+    built on it, and the tests trained on them, varied.)"""
     from transformers import BertTokenizerFast
 
     normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
