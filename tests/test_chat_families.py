@@ -177,10 +177,11 @@ def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_pa
     assert (batch["input_ids"] == family.image_token_id).sum() == 4 and model(**batch).loss.isfinite()
 
 
-def test_a_processor_whose_ids_differ_from_its_tokenizers_after_the_image_is_refused(tmp_path):
-    """Labels come from the tokenizer's character offsets, ids from the processor; where the two part after
-    the image (here a tokenizer that puts SentencePiece's prefix space before every text, so the processor's
-    blank lines after Gemma's image join the question's first word), the record is refused at encode."""
+def test_labels_follow_the_processors_ids_where_they_part_from_the_tokenizers(tmp_path):
+    """Labels come from the tokenizer's character offsets, ids from the processor. Where the two part beside
+    an image (here a tokenizer that puts SentencePiece's prefix space before every text, so the processor's
+    blank lines after Gemma's image join the question's first word), the ids are the processor's and the
+    replies still train exactly; where they part inside a reply, the record is refused at encode."""
     from tokenizers import pre_tokenizers
 
     from tiny_families import build_gemma3
@@ -189,16 +190,43 @@ def test_a_processor_whose_ids_differ_from_its_tokenizers_after_the_image_is_ref
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
     family = family_for(AutoConfig.from_pretrained(path))
+    image = Image.new("RGB", (32, 32))
+    history = [("hi", "a red ball")]
+    batch = family.encode(
+        processor, [image], ["and?"], ["a ball"], max_length=64, padding_side="right", history=[history]
+    )
+    rendered = processor.apply_chat_template(family.messages([*history, ("and?", "a ball")]), tokenize=False)
+    own = processor(images=[image], text=[rendered], add_special_tokens=False)["input_ids"][0]
+    assert batch["input_ids"][0].tolist() == own[: batch["input_ids"].shape[1]]
+    # they part after the image: the tokenizer's own ids after its placeholder are not the processor's
+    mine = processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    tail = mine[mine.index(processor.tokenizer.convert_tokens_to_ids(family.image_token)) + 1 :]
+    assert own[len(own) - len(tail) :] != tail
+    labels = batch["labels"][0]
+    trained = [t for t in labels.tolist() if t != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained) == "a red ball<end_of_turn>a ball<end_of_turn>"
+
+    class OtherTokens:
+        """A processor whose ids for a reply are not its tokenizer's (as one from another checkpoint's)."""
+
+        def __init__(self, inner):
+            self.inner, self.tokenizer = inner, inner.tokenizer
+            self.ball = self.tokenizer("ball", add_special_tokens=False)["input_ids"]
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            ids = out["input_ids"][0].tolist()
+            at = max(i for i in range(len(ids)) if ids[i : i + len(self.ball)] == self.ball)
+            out["input_ids"][0, at] = self.tokenizer.convert_tokens_to_ids("<pad>")
+            return out
+
+    other = OtherTokens(processor)
     for _ in range(2):  # and again: every record is checked
         with pytest.raises(ValueError, match="tokenises this record's text differently from its tokenizer"):
-            family.encode(
-                processor,
-                [Image.new("RGB", (32, 32))],
-                ["hi"],
-                ["a ball"],
-                max_length=64,
-                padding_side="right",
-            )
+            family.encode(other, [image], ["hi"], ["a ball"], max_length=64, padding_side="right")
 
 
 def test_each_trained_group_can_have_its_own_learning_rate(qwen, tmp_path):

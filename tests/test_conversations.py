@@ -109,7 +109,7 @@ def test_the_label_mask_of_a_three_turn_conversation(tmp_path, tiny):
             tok(" " + exchanges[2][1], add_special_tokens=False)["input_ids"] + [end]
         ]
     # The cached-features path lays out the same ids and labels without an image.
-    text_only = Collator(family, processor, 128, cached=True)([{**x, "image": None} for x in items])
+    text_only = Collator(family, processor, 128, cached=True)([{**x, "images": []} for x in items])
     for key in ("input_ids", "labels"):
         assert torch.equal(text_only[key], batch[key])
 

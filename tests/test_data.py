@@ -21,7 +21,7 @@ def rows():
 
 def records(ds, text_column="text"):
     items = CaptionExamples(ds, "image", text_column)
-    return [(np.asarray(items[i]["image"]).tobytes(), items[i]["target"]) for i in range(len(items))]
+    return [(np.asarray(items[i]["images"][0]).tobytes(), items[i]["target"]) for i in range(len(items))]
 
 
 def expected(rows):

@@ -86,7 +86,7 @@ def test_every_format_gives_the_same_records(kind, tmp_path):
     assert detect(str(source))[0] == expected_kind
     train_set, _ = load_splits(str(source))
     items = CaptionExamples(train_set)
-    got = sorted((pixels(items[k]["image"]), items[k]["target"]) for k in range(len(items)))
+    got = sorted((pixels(items[k]["images"][0]), items[k]["target"]) for k in range(len(items)))
     want = sorted((pixels(r.image), c) for r, caps in zip(ROWS, CAPTIONS, strict=True) for c in caps)
     assert got == want  # one training pair per caption
 

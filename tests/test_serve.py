@@ -234,7 +234,7 @@ def test_two_images_are_refused(client, picture):
     body = chat(picture)
     body["messages"][0]["content"].append({"type": "image_url", "image_url": data_uri(picture)})
     r = client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and "one image" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "takes at most 1 per conversation" in r.json()["error"]["message"]
 
 
 def test_api_key_guards_every_route_but_health(base_app, picture):

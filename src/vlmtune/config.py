@@ -206,9 +206,9 @@ class CaptionConfig:
 
 @dataclass
 class AskConfig:
-    """Visual question answering: one image, one question."""
+    """Visual question answering: a question about an image (or several, for families that read several)."""
 
-    image: str = opt("", "image file", positional=True)
+    images: list[str] = opt([], "image file(s), in the order the question refers to them", positional=True)
     question: str = opt("", "the question", positional=True)
     run: str | None = opt(None, "run directory from `vlmtune train`")
     model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
@@ -228,9 +228,10 @@ class AskConfig:
 
 @dataclass
 class ChatConfig:
-    """Talk about an image in the terminal: the history is kept; /new restarts, /image PATH switches."""
+    """Talk about an image in the terminal: the history is kept; /new restarts, /image PATH switches, /add PATH
+    shows another with your next line."""
 
-    image: str = opt("", "image file", positional=True)
+    images: list[str] = opt([], "image file(s) the conversation starts with", positional=True)
     run: str | None = opt(None, "run directory from `vlmtune train`")
     model: str | None = opt(None, "base model alone: hub id, local directory or 'tiny'")
     system: str = opt("", "a system turn to start each conversation with")

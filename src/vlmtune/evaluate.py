@@ -120,9 +120,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     image_ids = list(ds["image_id"]) if "image_id" in ds.column_names else None
     rows = []
     for i, image in enumerate(images):
-        thumb = image.copy()
-        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
-        thumb.save(out / "images" / f"{i:05d}.png")
+        _thumbnail([image]).save(out / "images" / f"{i:05d}.png")
         row = {
             "id": i,
             "source": sources[i],  # the user's own file, to join predictions back to their data
@@ -187,9 +185,10 @@ def _evaluate_conversations(
         for start in range(0, len(items), cfg.batch_size):
             chunk = items[start : start + cfg.batch_size]
             got += captioner.generate(
-                [x["image"] for x in chunk],
+                [x["images"] for x in chunk],
                 [x["prompt"] for x in chunk],
                 history=[x["history"] for x in chunk],
+                turn_images=[x["turn_images"] for x in chunk],
                 batch_size=len(chunk),
                 max_new_tokens=cfg.max_new_tokens,
                 num_beams=cfg.num_beams,
@@ -199,9 +198,7 @@ def _evaluate_conversations(
         del captioner
     rows = []
     for k, x in enumerate(items):
-        thumb = x["image"].copy()
-        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
-        thumb.save(out / "images" / f"{k:05d}.png")
+        _thumbnail(x["images"]).save(out / "images" / f"{k:05d}.png")
         said = " | ".join(f"{p} {a}".strip() for p, a in x["history"])
         rows.append(
             {
@@ -247,6 +244,26 @@ def _turn_scores(got: list[str], targets: list[str]) -> tuple[dict[str, float], 
         scores |= {f"{m} (long)": v for m, v in result["scores"].items()}
         notes += result["notes"]
     return scores, notes
+
+
+def _thumbnail(images: list[Any]) -> Any:
+    """The gallery's picture of an example: its images side by side, each at most THUMBNAIL pixels."""
+    from PIL import Image
+
+    thumbs = []
+    for image in images:
+        thumbs.append(image.copy())
+        thumbs[-1].thumbnail((THUMBNAIL, THUMBNAIL))
+    if len(thumbs) == 1:
+        return thumbs[0]
+    strip = Image.new(
+        "RGB", (sum(t.width for t in thumbs) + 4 * (len(thumbs) - 1), max(t.height for t in thumbs)), "white"
+    )
+    x = 0
+    for t in thumbs:
+        strip.paste(t, (x, 0))
+        x += t.width + 4
+    return strip
 
 
 def _sources(ds: Any, column: str) -> list[str | None]:

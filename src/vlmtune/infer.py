@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .config import AskConfig, CaptionConfig, ChatConfig
 from .data.conversations import parse
@@ -18,6 +17,7 @@ from .data.examples import Prompting
 from .data.images import expand_images, open_image
 from .errors import DataError
 from .families import Family
+from .families.base import Images
 from .modeling import default_device, load_for_inference, pick_dtype
 
 
@@ -48,55 +48,66 @@ class Captioner:
 
     def generate(
         self,
-        images: Sequence[Image.Image],
+        images: Images,
         prompts: Sequence[str],
         *,
         batch_size: int = 8,
         history: Sequence[Sequence[tuple[str, str]]] | None = None,
+        turn_images: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[str]:
-        """One continuation per (image, prompt) (after its `history` of rendered exchanges, if given),
-        `batch_size` at a time; keyword arguments go to `generate`."""
+        """One continuation per (image, prompt): each item of `images` an image, or a list of images (families
+        that read several); after its `history` of rendered exchanges, if given, with `turn_images` saying
+        how many images each of its turns holds (by default all in the first). `batch_size` at a time;
+        keyword arguments go to `generate`."""
         kwargs.setdefault("max_new_tokens", 40)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
+            rows = slice(i, i + batch_size)
             batch = self.family.generation_inputs(
                 self.processor,
-                images[i : i + batch_size],
-                prompts[i : i + batch_size],
+                images[rows],
+                prompts[rows],
                 self.device,
                 self.dtype,
-                history=None if history is None else history[i : i + batch_size],
+                history=None if history is None else history[rows],
+                turn_images=None if turn_images is None else turn_images[rows],
             )
             out += self.family.generate(self.model, self.processor, batch, **kwargs)
         return out
 
     def caption(
-        self, images: Sequence[Image.Image], prompt: str | None = None, *, batch_size: int = 8, **kwargs: Any
+        self, images: Images, prompt: str | None = None, *, batch_size: int = 8, **kwargs: Any
     ) -> list[str]:
-        """Captions for `images` (continuing the run's training prompt unless `prompt` is given)."""
+        """Captions for `images` (continuing the run's training prompt unless `prompt` is given); an item that
+        is a list of images gets one caption for all of them."""
         prompt = self.prompt if prompt is None else prompt
         return self.generate(images, [prompt] * len(images), batch_size=batch_size, **kwargs)
 
     def answer(
-        self, images: Sequence[Image.Image], questions: Sequence[str], *, batch_size: int = 8, **kwargs: Any
+        self, images: Images, questions: Sequence[str], *, batch_size: int = 8, **kwargs: Any
     ) -> list[str]:
-        """Answers to one question per image, in the family's question format."""
+        """Answers to one question per image (or list of images), in the family's question format."""
         prompts = [self.family.format_question(q) for q in questions]
         return self.generate(images, prompts, batch_size=batch_size, **kwargs)
 
-    def ask(self, image: Image.Image, question: str, template: str | None = None, **kwargs: Any) -> str:
+    def ask(self, image: Any, question: str, template: str | None = None, **kwargs: Any) -> str:
+        """The answer to `question` about `image` (or a list of images)."""
         return self.generate([image], [self.family.format_question(question, template)], **kwargs)[0]
 
     def prompting(self, template: str | None = None) -> Prompting:
         return Prompting(self.prompt, None, template or self.family.question_template)
 
-    def reply(self, image: Image.Image, messages: Any, template: str | None = None, **kwargs: Any) -> str:
-        """The next assistant turn of a conversation about `image`: `messages` in any conversation layout
-        (system and earlier turns included, `image` marked `<image>` or not at all), ending with a user turn;
-        rendered as training renders them."""
-        d = self.prompting(template).reply_to(parse(messages, [image], training=False))
-        return self.generate([image], [d.prompt], history=[d.history], **kwargs)[0]
+    def reply(self, images: Any, messages: Any, template: str | None = None, **kwargs: Any) -> str:
+        """The next assistant turn of a conversation about `images` (one image, or a list in the order the
+        conversation shows them): `messages` in any conversation layout (system and earlier turns included,
+        each image marked `<image>` or an image part where its turn shows it, or not at all: then all go
+        with the first user turn), ending with a user turn; rendered as training renders them."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        d = self.prompting(template).reply_to(parse(messages, images, training=False))
+        return self.generate(
+            [images], [d.prompt], history=[d.history], turn_images=[d.turn_images], **kwargs
+        )[0]
 
 
 def trained_prompt(info: dict[str, Any], family: Family) -> str:
@@ -146,23 +157,29 @@ def _write(path: Path, results: list[tuple[str, str]]) -> None:
 
 
 def ask(cfg: AskConfig) -> str:
-    """Answer `cfg.question` about `cfg.image`; prints and returns the answer."""
-    image = open_image(cfg.image)
+    """Answer `cfg.question` about `cfg.images`; prints and returns the answer."""
+    images = [open_image(p) for p in cfg.images]
     if not cfg.question.strip():
         raise ValueError("the question is empty")
-    history = _history(cfg.history) if cfg.history else None  # a bad file fails before the model loads
+    history = _history(cfg.history, cfg.images) if cfg.history else None  # a bad file fails before loading
     captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    _check_count(captioner.family, len(images))
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     if history is None:
-        answer = captioner.ask(image, cfg.question, cfg.template, **kwargs)
+        answer = captioner.ask(images, cfg.question, cfg.template, **kwargs)
     else:
         messages = [*history, {"role": "user", "content": cfg.question}]
-        answer = captioner.reply(image, messages, cfg.template, **kwargs)
+        answer = captioner.reply(images, messages, cfg.template, **kwargs)
     print(answer)
     return answer
 
 
-def _history(path: str) -> list[Any]:
+def _check_count(family: Family, n: int) -> None:
+    if family.max_images is not None and n > family.max_images:
+        raise ValueError(f"{n} images given; {family.name} reads at most {family.max_images} per question")
+
+
+def _history(path: str, images: Sequence[str]) -> list[Any]:
     """A conversation so far from a JSON file: a list of messages, or a record holding `messages` or
     `conversations` (LLaVA's); checked now, so a bad file fails before the model loads."""
     try:
@@ -174,45 +191,66 @@ def _history(path: str) -> list[Any]:
     if not isinstance(doc, list):
         raise DataError(f"--history {path}: expected a list of messages (role + content)")
     try:
-        parse(doc + [{"role": "user", "content": "?"}], [path], training=False)  # the image comes apart
+        parse(doc + [{"role": "user", "content": "?"}], list(images), training=False)  # images come apart
     except DataError as e:
         raise DataError(f"--history {path}: {e}") from None
     return doc
 
 
-def chat(cfg: ChatConfig) -> list[dict[str, str]]:
+def _user_turn(text: str, shown: int) -> dict[str, Any]:
+    """A user message that shows `shown` new images before its text."""
+    return {"role": "user", "content": [{"type": "image"}] * shown + [{"type": "text", "text": text}]}
+
+
+def chat(cfg: ChatConfig) -> list[dict[str, Any]]:
     """A conversation in the terminal: each line you type is a user turn, answered with the whole history.
-    `/new` starts over, `/image PATH` switches image (and starts over), `/quit` (or end of input) stops.
-    Returns the last conversation's messages."""
-    image = open_image(cfg.image)
+    `/new` starts over, `/image PATH...` switches images (and starts over), `/add PATH...` shows more images
+    with your next line (families that read several), `/quit` (or end of input) stops. Returns the last
+    conversation's messages."""
+    opened = [open_image(p) for p in cfg.images]
     captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    _check_count(captioner.family, len(opened))
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    messages = list(start)
-    print("chat about the image: /new restarts, /image PATH switches, /quit stops", flush=True)
+    messages, images, pending = list(start), [], opened  # images shown so far; to show with the next line
+    print(
+        "chat about the image: /new restarts, /image PATH switches, /add PATH shows another, /quit stops",
+        flush=True,
+    )
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
             break
+        command, _, rest = line.partition(" ")
         if not line:
             continue
         if line == "/quit":
             break
         if line == "/new":
-            messages = list(start)
+            messages, images, pending = list(start), [], opened
             print("(new conversation)", flush=True)
             continue
-        if line.startswith("/image"):
+        if command in ("/image", "/add"):
             try:
-                image = open_image(line[len("/image") :].strip())
-            except DataError as e:
+                more = [open_image(p) for p in rest.split()]
+                if not more:
+                    raise DataError(f"{command} needs one or more image paths")
+                kept = len(images) + len(pending) if command == "/add" else 0
+                _check_count(captioner.family, kept + len(more))
+            except (DataError, ValueError) as e:
                 print(f"error: {e}", flush=True)
                 continue
-            messages = list(start)
-            print("(new image, new conversation)", flush=True)
+            if command == "/image":
+                opened = more
+                messages, images, pending = list(start), [], opened
+                print("(new image, new conversation)", flush=True)
+            else:
+                pending = pending + more
+                print(f"({len(pending)} image(s) go with your next line)", flush=True)
             continue
-        messages.append({"role": "user", "content": line})
-        reply = captioner.reply(image, messages, max_new_tokens=cfg.max_new_tokens)
+        messages.append(_user_turn(line, len(pending)))
+        images, pending = images + pending, []
+        reply = captioner.reply(images, messages, max_new_tokens=cfg.max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
     return messages

@@ -25,14 +25,15 @@ class Collator:
         text = dict(
             max_length=self.max_length,
             padding_side="right",
-            history=[e.get("history", ()) for e in examples],
+            history=[e["history"] for e in examples],
             train_history=self.train_history,
+            turn_images=[e["turn_images"] for e in examples],
         )
         if self.cached:
             batch = self.family.encode_text(self.processor, prompts, targets, **text)
             batch["image_index"] = torch.tensor([e["index"] for e in examples])
             return batch
-        images = [e["image"] for e in examples]
+        images = [e["images"] for e in examples]
         return self.family.encode(self.processor, images, prompts, targets, **text)
 
 

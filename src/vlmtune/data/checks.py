@@ -92,16 +92,17 @@ def find_bad_conversations(
     messages_column: str,
     images_column: str,
     *,
-    images_per_conversation: int = 1,
-    too_long: Callable[[Conversation], str | None] | None = None,
+    max_images: int | None = 1,
+    example_problem: Callable[[Conversation], str | None] | None = None,
     progress: bool = True,
     sizes: list | None = None,
     good: list | None = None,
 ) -> list[BadRecord]:
     """Every bad record of a conversation split, all at once: messages that do not parse (unknown roles, turns
-    that do not alternate, an empty reply, image markers that do not match the images), a count of images the
-    family does not read, an image that does not decode, and (`too_long`) a conversation that --max-length
-    would cut. `sizes` collects (w, h, mode), `good` the conversations that pass."""
+    that do not alternate, an empty reply, image markers that do not match the images), no image or more
+    than the family reads (`max_images`, None: any number), an image that does not decode, and what
+    `example_problem` finds in the examples a conversation gives (one --max-length would cut, say). `sizes` collects (w, h, mode) of every image, `good` the
+    conversations that pass."""
     bad: list[BadRecord] = []
     has_images = images_column in (dataset.column_names or [])
     messages = iter_column(dataset, messages_column)
@@ -115,20 +116,19 @@ def find_bad_conversations(
             bad.append(BadRecord(i, messages_column, str(e)))
             continue
         n = len(conversation.images)
-        if n != images_per_conversation:
-            bad.append(
-                BadRecord(
-                    i,
-                    images_column,
-                    f"{n} image(s); this model reads {images_per_conversation} per conversation",
-                )
-            )
+        if n == 0 or (max_images is not None and n > max_images):
+            reads = f"at most {max_images}" if max_images is not None else "one or more"
+            bad.append(BadRecord(i, images_column, f"{n} images; this model reads {reads} per conversation"))
             continue
-        broken = _image_problem(conversation.images[0], i, images_column, sizes)
-        if broken is not None:
-            bad.append(broken)
+        several = n > 1
+        broken = [
+            _image_problem(cell, i, f"{images_column} [{k}]" if several else images_column, sizes)
+            for k, cell in enumerate(conversation.images)
+        ]
+        if any(broken):
+            bad.extend(b for b in broken if b is not None)
             continue
-        problem = too_long(conversation) if too_long is not None else None
+        problem = example_problem(conversation) if example_problem is not None else None
         if problem is not None:
             bad.append(BadRecord(i, messages_column, problem))
         elif good is not None:
@@ -137,27 +137,32 @@ def find_bad_conversations(
 
 
 def bad_conversations(dataset: Any, cfg: Any, family: Any, processor: Any, **kwargs: Any) -> list[BadRecord]:
-    """`find_bad_conversations` under a family's rules: the images it reads, its token count of each example
-    against `cfg.max_length`."""
+    """`find_bad_conversations` under a family's rules: the images it reads, and `example_rules`."""
     return find_bad_conversations(
         dataset,
         cfg.messages_column,
         cfg.images_column,
-        images_per_conversation=family.images_per_example,
-        too_long=too_long_for(cfg, family, processor),
+        max_images=family.max_images,
+        example_problem=example_rules(cfg, family, processor),
         **kwargs,
     )
 
 
-def too_long_for(cfg: Any, family: Any, processor: Any) -> Callable[[Conversation], str | None]:
-    """The length rule for conversations: an example over --max-length is refused, never cut (a cut would
-    drop the reply's end, or the image tokens of a long dialogue)."""
+def example_rules(cfg: Any, family: Any, processor: Any) -> Callable[[Conversation], str | None]:
+    """What must hold for each example a conversation gives: it shows an image by its reply (a family that
+    trains each reply apart makes one example per reply), and it fits --max-length: an example over it is
+    refused, never cut (a cut would drop the reply's end, or the image tokens of a long dialogue)."""
     prompting = Prompting.of(cfg, family)
     per_turn = not family.trains_history and not getattr(cfg, "train_on_last_turn_only", False)
 
-    def too_long(conversation: Conversation) -> str | None:
+    def problem(conversation: Conversation) -> str | None:
         for d in prompting.dialogues(conversation, per_turn=per_turn):
-            n = family.text_tokens(processor, d.prompt, d.target, d.history)
+            if not sum(d.turn_images):
+                return (
+                    f"the reply of turn {len(d.history) + 1} comes before the first image; this model trains "
+                    "each reply apart: put an image in the first user turn"
+                )
+            n = family.text_tokens(processor, d.prompt, d.target, d.history, d.turn_images)
             if n > cfg.max_length:
                 return (
                     f"{n} text tokens, over --max-length {cfg.max_length}: it would be cut; shorten the "
@@ -165,7 +170,7 @@ def too_long_for(cfg: Any, family: Any, processor: Any) -> Callable[[Conversatio
                 )
         return None
 
-    return too_long
+    return problem
 
 
 def _image_problem(cell: Any, i: int, field: str, sizes: list | None) -> BadRecord | None:
@@ -207,7 +212,7 @@ def _check_conversations(
     prompting = Prompting.of(cfg, family)
     per_turn = not family.trains_history
     lengths = [
-        family.text_tokens(processor, d.prompt, d.target, d.history)
+        family.text_tokens(processor, d.prompt, d.target, d.history, d.turn_images)
         for c in good
         for d in prompting.dialogues(c, per_turn=per_turn)
     ]
@@ -218,16 +223,22 @@ def _check_conversations(
         "records": len(ds),
         "conversations": len(good),
         "replies_per_conversation": _stats([len(c.exchanges()) for c in good]),
+        "images_per_conversation": _stats([len(c.images) for c in good]),
         "tokens": _stats(lengths),
         "width": _stats([w for w, _, _ in sizes]),
         "height": _stats([h for _, h, _ in sizes]),
         "modes": dict(Counter(m for _, _, m in sizes)),
         "bad": bad_as_dicts(bad),
     }
+    tokens = _image_tokens(family, processor, sizes)
+    if tokens is not None:
+        s["image_tokens"] = tokens
     print(f"\nsplit {name!r}: {s['records']} conversations ({layout})")
-    for key in ("replies_per_conversation", "tokens", "width", "height"):
+    for key in ("replies_per_conversation", "images_per_conversation", "tokens", "width", "height"):
         print(f"  {key.replace('_', ' ')}: {s[key]}")
     print(f"  image modes: {s['modes']}")
+    if tokens is not None:
+        print(f"  image tokens per image: {tokens} ({_resized(family, processor)})")
     print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
     return s
 
@@ -248,6 +259,14 @@ def _image_tokens(family: Any, processor: Any, sizes: list) -> str | None:
     if not per_image or per_image[0] is None:
         return None
     return _stats(per_image)
+
+
+def _resized(family: Any, processor: Any) -> str:
+    """How the processor sizes images, as `data check` reports it beside their tokens."""
+    if not family.dynamic_resolution:
+        return "as the processor tiles them"
+    size = processor.image_processor.size
+    return f"images resized to {size['shortest_edge']}..{size['longest_edge']} pixels: --min-pixels / --max-pixels"
 
 
 def check(cfg: DataCheckConfig) -> dict[str, Any]:
@@ -298,14 +317,7 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
         print(f"  over --max-length {cfg.max_length} tokens (would be cut): {s['truncated_at_max_length']}")
         print(f"  image modes: {s['modes']}")
         if tokens is not None:
-            how = "as the processor tiles them"
-            if family.dynamic_resolution:
-                size = processor.image_processor.size
-                how = (
-                    f"images resized to {size['shortest_edge']}..{size['longest_edge']} pixels: --min-pixels / "
-                    "--max-pixels"
-                )
-            print(f"  image tokens per image: {tokens} ({how})")
+            print(f"  image tokens per image: {tokens} ({_resized(family, processor)})")
         print(f"  bad records: {len(bad)}" + "".join(f"\n    - {b}" for b in bad))
     print(
         f"\n(caption lengths counted as {family.name} training counts them, with the tokenizer of {cfg.model})"

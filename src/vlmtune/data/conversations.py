@@ -56,6 +56,12 @@ class Conversation:
         talk = [t for t in self.turns if t.role != "system"]
         return [(talk[k].text, talk[k + 1].text) for k in range(0, len(talk) - 1, 2)]
 
+    def image_counts(self) -> tuple[int, ...]:
+        """How many images each user turn holds, in order (a system turn's go with the first user turn)."""
+        users = [t.images for t in self.turns if t.role == "user"]
+        system = sum(t.images for t in self.turns if t.role == "system")
+        return (users[0] + system, *users[1:]) if users else ()
+
 
 def parse(messages: Any, images: Any = None, *, training: bool = True) -> Conversation:
     """`messages` (a list, or its JSON text) and the record's images as a Conversation; a DataError that says
@@ -94,6 +100,9 @@ def parse(messages: Any, images: Any = None, *, training: bool = True) -> Conver
         first = next((i for i, t in enumerate(turns) if t.role == "user"), 0)
         turns[first] = Turn(turns[first].role, turns[first].text, len(cells))
     _check_order(turns, training)
+    held = next((k for k, t in enumerate(turns) if t.role == "assistant" and t.images), None)
+    if held is not None:
+        raise DataError(f"message {held}: an image in an assistant turn; images go in user turns")
     return Conversation(tuple(turns), tuple(cells))
 
 

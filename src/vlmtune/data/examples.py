@@ -65,16 +65,17 @@ class Prompting:
         """The examples of a conversation: one whose target is the last reply and whose history holds every
         earlier exchange (a family that trains the history's replies in the same sequence); or, `per_turn`,
         one for each reply, with the exchanges before it as history."""
-        rendered = self.exchanges(conversation)
+        rendered, held = self.exchanges(conversation), conversation.image_counts()
         ends = range(len(rendered)) if per_turn else [len(rendered) - 1]
-        return [Dialogue(rendered[k][0], rendered[k][1], tuple(rendered[:k])) for k in ends]
+        return [Dialogue(*rendered[k], tuple(rendered[:k]), held[: k + 1]) for k in ends]
 
     def reply_to(self, conversation: Conversation) -> Dialogue:
         """What to generate from for a conversation that ends with a user turn: its earlier exchanges as
         history, rendered exactly as training renders them, and the last user turn as the prompt."""
         *done, last = conversation.turns
         history = tuple(self.exchanges(Conversation(tuple(done), conversation.images)))
-        return Dialogue(self.render(last.text, "" if history else conversation.system), "", history)
+        prompt = self.render(last.text, "" if history else conversation.system)
+        return Dialogue(prompt, "", history, conversation.image_counts())
 
     def exchanges(self, conversation: Conversation) -> list[tuple[str, str]]:
         """(prompt, reply) of each exchange, the system turn before the first prompt."""
@@ -86,11 +87,24 @@ class Prompting:
 
 @dataclass(frozen=True)
 class Dialogue:
-    """What the family encodes: the history's exchanges, then the prompt and its target."""
+    """What the family encodes: the history's exchanges, then the prompt and its target; `turn_images`: how
+    many of the example's images each user turn holds (the history's, then the prompt's)."""
 
     prompt: str
     target: str
     history: tuple[tuple[str, str], ...] = ()
+    turn_images: tuple[int, ...] = (1,)
+
+    def example(self, images: list[Any], index: int) -> dict[str, Any]:
+        """The example a collator takes: the images its turns hold, and where they go."""
+        return {
+            "images": images,
+            "prompt": self.prompt,
+            "target": self.target,
+            "history": self.history,
+            "turn_images": self.turn_images,
+            "index": index,
+        }
 
 
 class CaptionExamples:
@@ -125,7 +139,7 @@ class CaptionExamples:
         row = self.dataset[i]
         image = as_image(row[self.image_column], f"row {i}, column {self.image_column!r}")
         text = checked_target(text, f"row {i}, column {self.text_column!r}")
-        return {"image": image, "prompt": self.prompting(row), "target": text, "history": (), "index": i}
+        return Dialogue(self.prompting(row), text).example([image], i)
 
     def epoch_order(self, seed: int, batch_size: int, *, one_caption: bool, by_length: bool) -> EpochSampler:
         """The sampler of each epoch's order (one caption per image, batches of similar length, as asked)."""
@@ -178,12 +192,8 @@ class TextOnlyExamples:
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, d = self.items[k]
-        return {
-            "prompt": d.prompt,
-            "target": checked_target(d.target, f"row {i}"),
-            "history": d.history,
-            "index": i,
-        }
+        checked_target(d.target, f"row {i}")
+        return d.example([], i)
 
 
 class ConversationExamples(CaptionExamples):
@@ -223,18 +233,28 @@ class ConversationExamples(CaptionExamples):
             for v in column_values(raw_images(self.dataset, self.image_column), self.image_column)
         ]
 
-    def image_cell(self, i: int) -> Any:
-        """Row `i`'s image: from its messages' parts, or the images column (the families here read one)."""
+    def image_cells(self, i: int) -> list[Any]:
+        """Row `i`'s images, in turn order: from its messages' parts, or the images column."""
         cells = self.conversations[i].images
         if cells and cells[0] is not None:
-            return cells[0]
+            return list(cells)
         value = self.dataset[i][self.image_column]
-        return value if isinstance(value, (str, dict)) or value is None else value[0]
+        return [value] if isinstance(value, (str, dict)) else list(value or [])
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, d = self.pairs[k]
-        image = as_image(self.image_cell(i), f"row {i}, column {self.image_column!r}")
-        return {"image": image, "prompt": d.prompt, "target": d.target, "history": d.history, "index": i}
+        # the images of the example's own turns: a reply is trained (or generated) before any later one shows
+        cells = self.image_cells(i)[: sum(d.turn_images)]
+        if not cells:
+            raise DataError(
+                f"row {i}: the reply of turn {len(d.history) + 1} comes before the conversation's first image; "
+                "put an image in the first user turn"
+            )
+        where = f"row {i}, column {self.image_column!r}"
+        images = [
+            as_image(c, f"{where}, image {n + 1}" if len(cells) > 1 else where) for n, c in enumerate(cells)
+        ]
+        return d.example(images, i)
 
     def target_lengths(self) -> list[int]:
         return [len(d.target) + sum(len(a) for _, a in d.history) for _, d in self.pairs]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .examples import Prompting, checked_target, targets_of
+from .examples import Dialogue, Prompting, checked_target, targets_of
 from .images import as_image, file_of
 from .sources import load_dict, pick_split
 
@@ -123,7 +123,7 @@ class StreamExamples(torch.utils.data.IterableDataset):
                     {"position": r, "epoch": self.epoch, "file": file, "text": str(text)[:80], "why": str(e)}
                 )
             return None
-        return {"image": image, "prompt": self.prompting(row), "target": text, "index": r}
+        return Dialogue(self.prompting(row), text).example([image], r)
 
     def head(self, n: int) -> list[dict[str, Any]]:
         """The first `n` good examples in stream order (no shuffle): fixed samples to caption during training."""

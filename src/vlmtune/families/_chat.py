@@ -9,18 +9,26 @@ How an example becomes tokens and labels, with nothing but the template:
 
 Each reply is the text `whole_k` adds to `head_k`, up to and including the end-of-turn token (a template
 that writes none, LLaVA-1.5's, gets the tokenizer's end-of-sequence appended to each reply); everything else
-(system, user turns, image, the assistant headers, what follows an end of turn) is never trained. The pieces
-joined are the whole rendered text, tokenised once, as a whole (a SentencePiece tokenizer marks the start of
-every text it is given: pieces tokenised apart would not be the ids of the whole), and each token takes the
-kind of the piece its characters come from; a token that spans a reply and its context is refused. The
-processor tokenises the same text with the image placeholder expanded into as many tokens as the image gives;
-its ids after the image must be the tokenizer's own, and the count of image tokens is checked against the
-image, both before any step runs.
+(system, user turns, images, the assistant headers, what follows an end of turn) is never trained. A user turn
+opens with the image placeholders of the images it holds (several images, in several turns, where the record
+has them). The pieces joined are the whole rendered text, tokenised once, as a whole (a SentencePiece
+tokenizer marks the start of every text it is given: pieces tokenised apart would not be the ids of the
+whole), and each token takes the kind of the piece its characters come from; a token that spans a reply and
+its context is refused.
+
+The processor tokenises the same text with each image placeholder expanded into as many tokens as its image
+gives (and, in some families, markers and blank lines around them, which may join the text beside them). The
+processor's ids are the model's; each takes its kind from the tokenizer's own ids by aligning the two, and
+every reply token must be found, in order and unbroken, among the processor's: else the record is refused.
+What the expansion adds is the images' and never counts against --max-length, which counts the text the
+template renders (placeholders left out), so it can be counted without an image. The count of image tokens
+is checked against the images, before any step runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from difflib import SequenceMatcher
 from typing import Any
 
 import torch
@@ -35,6 +43,7 @@ class ChatFamily(TransformersVLM):
     """A decoder-only family prompted through its processor's chat template."""
 
     trains_history = True  # a dialogue is one sequence: every reply trained in place
+    max_images = None  # any number, each where its user turn is
     question_template = "{question}"  # a chat model reads the question as the user's words
     caption_prompt = "Describe this image."
     image_token: str  # the placeholder the template writes, which the processor expands
@@ -81,11 +90,15 @@ class ChatFamily(TransformersVLM):
 
     appends_end = False  # the template writes no end of turn after a reply (`bind` finds out): vlmtune does
 
-    def messages(self, turns: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
-        """HF chat messages for (prompt, reply) turns; the image goes with the first user turn."""
+    def messages(
+        self, turns: Sequence[tuple[str, str | None]], turn_images: Sequence[int] = (1,)
+    ) -> list[dict[str, Any]]:
+        """HF chat messages for (prompt, reply) turns; user turn k opens with `turn_images[k]` images (by
+        default one image, in the first)."""
         out: list[dict[str, Any]] = []
         for k, (prompt, reply) in enumerate(turns):
-            parts: list[dict[str, Any]] = [{"type": "image"}] if k == 0 else []
+            held = turn_images[k] if k < len(turn_images) else 0
+            parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(held)]
             if prompt:
                 parts.append({"type": "text", "text": prompt})
             out.append({"role": "user", "content": parts})
@@ -95,14 +108,19 @@ class ChatFamily(TransformersVLM):
         return out
 
     def pieces(
-        self, processor: Any, history: Sequence[tuple[str, str]], prompt: str, target: str | None
+        self,
+        processor: Any,
+        history: Sequence[tuple[str, str]],
+        prompt: str,
+        target: str | None,
+        turn_images: Sequence[int] = (1,),
     ) -> list[tuple[str, str]]:
         """The rendered conversation cut into (kind, text) pieces: "context" (never trained), "reply" (an
         earlier reply with its end of turn), "target" (the last reply, without its end of turn)."""
         self.bind(processor)
 
         def render(turns: Sequence[tuple[str, str | None]], prompt_next: bool) -> str:
-            messages = self.messages(turns)
+            messages = self.messages(turns, turn_images)
             return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_next)
 
         turns: list[tuple[str, str | None]] = [*history, (prompt, target)]
@@ -138,23 +156,24 @@ class ChatFamily(TransformersVLM):
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
     ) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` (and `labels`) laid out by the chat template, plus the processor's
         image inputs; a reply is trained with its end of turn, every other position is IGNORE_INDEX."""
-        rows, row_labels, target_ids, image_tokens = [], [], [], []
+        rows, row_labels, target_ids, expanded = [], [], [], []
         image_inputs: dict[str, list[torch.Tensor]] = {}
-        for k, image in enumerate(images):
+        for k, held in enumerate(images):
             target = targets[k] if targets is not None else None
-            pieces = self.pieces(processor, layout.history[k], prompts[k], target)
-            ids, kinds, processed = self._tokenise(processor, image, pieces)
+            pieces = self.pieces(processor, layout.history[k], prompts[k], target, layout.turn_images[k])
+            ids, kinds, processed, added = self._tokenise(processor, held, pieces)
             for name in processor.image_processor.model_input_names:  # pixels, and grids or masks
                 if name in processed:
                     image_inputs.setdefault(name, []).append(processed[name])
-            image_tokens.append(self.check_image_tokens(ids, processed))
+            self.check_image_tokens(ids, processed)
+            expanded.append(added)
             told = sum(1 for kind in kinds if kind == "target")
             if set(kinds[len(kinds) - told :]) - {"target"}:  # a tokenizer that writes text after it
                 raise ValueError(f"{self.name}: the tokenizer adds tokens after the reply")
@@ -171,7 +190,7 @@ class ChatFamily(TransformersVLM):
             end_id=self.end_token_id,
             pad_id=processor.tokenizer.pad_token_id,
             max_length=layout.max_length,
-            image_tokens=image_tokens,
+            image_tokens=expanded,
             padding_side=layout.padding_side,
             prompt_labels=row_labels,
         )
@@ -180,13 +199,14 @@ class ChatFamily(TransformersVLM):
         return batch
 
     def _tokenise(
-        self, processor: Any, image: Image.Image, pieces: list[tuple[str, str]]
-    ) -> tuple[list[int], list[str], dict[str, Any]]:
-        """(ids, each id's kind, the processor's output) for one rendered conversation: the processor's ids
-        (image placeholder expanded), each token the kind of the piece its characters come from."""
+        self, processor: Any, images: list[Image.Image], pieces: list[tuple[str, str]]
+    ) -> tuple[list[int], list[str], dict[str, Any], int]:
+        """(ids, each id's kind, the processor's output, how many ids the image expansion added) for one
+        rendered conversation: the processor's ids (placeholders expanded), each token the kind of the piece
+        its characters come from."""
         text = "".join(piece for _, piece in pieces)
         special = self._adds_specials(processor, text)
-        processed = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=special)
+        processed = processor(images=[images], text=[text], return_tensors="pt", add_special_tokens=special)
         ids = processed["input_ids"][0].tolist()
         own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         # the kind of every character, then of every token of the tokenizer's own (unexpanded) ids
@@ -202,17 +222,27 @@ class ChatFamily(TransformersVLM):
                     "trained apart from its prompt with this tokenizer"
                 )
             kinds.append(found.pop())
-        # After the image the processor's ids are the tokenizer's own; before it, all context.
         mine = own["input_ids"]
-        placeholder = processor.tokenizer.convert_tokens_to_ids(self.image_token)
-        after = max((i for i, t in enumerate(mine) if t == placeholder), default=-1) + 1
-        tail = len(mine) - after
-        if ids[len(ids) - tail :] != mine[after:] or set(kinds[:after]) - {"context"}:
-            raise ValueError(
-                f"{self.name}: the processor tokenises this record's text differently from its tokenizer "
-                "after the image (a processor from another checkpoint?)"
-            )
-        return ids, ["context"] * (len(ids) - tail) + kinds[after:], processed
+        placeholders = mine.count(processor.tokenizer.convert_tokens_to_ids(self.image_token))
+        return ids, self._aligned_kinds(ids, mine, kinds), processed, len(ids) - len(mine) + placeholders
+
+    def _aligned_kinds(self, ids: list[int], mine: list[int], kinds: list[str]) -> list[str]:
+        """The kind of each of the processor's `ids`, from the tokenizer's own ids of the same text (`mine`,
+        of `kinds`): the two agree but where the processor expanded an image placeholder (with whatever the
+        expansion joined beside it), all context. Every reply token must be found among the processor's, in
+        order and unbroken, or the record is refused."""
+        out, where = ["context"] * len(ids), [-1] * len(mine)
+        for a, b, size in SequenceMatcher(None, ids, mine, autojunk=False).get_matching_blocks():
+            out[a : a + size] = kinds[b : b + size]
+            where[b : b + size] = range(a, a + size)
+        for b, kind in enumerate(kinds):
+            unbroken = b == 0 or kinds[b - 1] != kind or where[b] == where[b - 1] + 1
+            if kind != "context" and (where[b] < 0 or not unbroken):
+                raise ValueError(
+                    f"{self.name}: the processor tokenises this record's text differently from its tokenizer "
+                    "where a reply is (a processor from another checkpoint?)"
+                )
+        return out
 
     #: processor outputs whose second dimension counts an image's views (tiles), which vary with the image:
     #: padded with zeros to the batch's most (the model drops all-zero views)
@@ -231,33 +261,26 @@ class ChatFamily(TransformersVLM):
         return {}
 
     def check_image_tokens(self, ids: list[int], image_inputs: dict[str, Any]) -> int:
-        """The image tokens in `ids`, checked against what the image gives (`image_token_count`)."""
+        """The image tokens in `ids`, checked against what the images give (`image_token_count`)."""
         return require_image_tokens(ids, self.image_token_id, self.image_token_count(image_inputs))
 
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:
-        """How many image tokens the model fills from one processed image."""
+        """How many image tokens the model fills from one example's processed images."""
         raise NotImplementedError
 
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...] = (1,),
     ) -> int:
-        pieces = self.pieces(processor, history, prompt, target)
+        pieces = self.pieces(processor, history, prompt, target, turn_images)
         text = "".join(piece for _, piece in pieces)
-        own = processor.tokenizer(text, add_special_tokens=self._adds_specials(processor, text))
-        # + what the processor's image expansion adds in text tokens, + the target's end of turn
-        return len(own["input_ids"]) + self._image_text(processor, pieces[0][1]) + 1
-
-    def _image_text(self, processor: Any, text: str) -> int:
-        """Text tokens the processor's image expansion adds to the first piece's (Gemma's blank lines and
-        end-of-image marker; -1 where the placeholder is itself an image token), image tokens left out. Any
-        image gives the same count, so one blank image stands in; kept per text."""
-        cache = self.__dict__.setdefault("_image_text_cache", {})
-        if text not in cache:
-            special = self._adds_specials(processor, text)
-            ids = processor(images=[Image.new("RGB", (64, 64))], text=[text], add_special_tokens=special)
-            alone = processor.tokenizer(text, add_special_tokens=special)["input_ids"]
-            cache[text] = sum(1 for i in ids["input_ids"][0] if i != self.image_token_id) - len(alone)
-        return cache[text]
+        own = processor.tokenizer(text, add_special_tokens=self._adds_specials(processor, text))["input_ids"]
+        placeholders = own.count(processor.tokenizer.convert_tokens_to_ids(self.image_token))
+        return len(own) - placeholders + 1  # + the target's end of turn
 
     def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
         self.bind(processor)

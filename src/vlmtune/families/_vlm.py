@@ -78,8 +78,8 @@ class TransformersVLM(Family):
     def encode_text_batch(
         self, processor: Any, prompts: Sequence[str], targets: Sequence[str], layout: Layout
     ) -> dict[str, torch.Tensor]:
-        # `encode` with a stand-in image: every image gives the same ids, and its pixels are dropped
-        stand_in = [Image.new("RGB", (64, 64))] * len(prompts)
+        # `encode` with stand-in images: every image gives the same ids, and their pixels are dropped
+        stand_in = [[Image.new("RGB", (64, 64))] * sum(turns) for turns in layout.turn_images]
         batch = self.encode_batch(processor, stand_in, prompts, targets, layout)
         for name in {"pixel_values", *processor.image_processor.model_input_names}:
             batch.pop(name, None)

@@ -18,6 +18,11 @@ from PIL import Image
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 History = Sequence[Sequence[tuple[str, str]]] | None  # per example: earlier (prompt, reply) exchanges
+Images = Sequence[
+    "Image.Image | Sequence[Image.Image]"
+]  # per example: its image, or its images in turn order
+# per example: how many of its images each user turn holds (None: all of them in the first)
+TurnImages = Sequence[Sequence[int] | None] | None
 
 
 def trained_span(target_ids: list[int], end_id: int, room: int) -> list[int]:
@@ -70,6 +75,16 @@ def unwrap(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def image_lists(images: Images) -> list[list[Image.Image]]:
+    """Each example's images as a list (an example given one image reads that one)."""
+    return [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+
+
+def only_images(images: Sequence[Sequence[Image.Image]]) -> list[Image.Image]:
+    """The one image of each example, for a family that reads one (`Family.encode` checked the counts)."""
+    return [one for (one,) in images]
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a batch's text is laid out beyond its prompts and targets (what `encode` hands `encode_batch`)."""
@@ -77,7 +92,8 @@ class Layout:
     max_length: int  # most text tokens per example; image tokens not counted
     padding_side: str  # "right" for training, "left" for batched generation
     history: list[tuple[tuple[str, str], ...]]  # per example: earlier (prompt, reply) exchanges, rendered
-    train_history: bool = True  # the history's replies trained too
+    train_history: bool  # the history's replies trained too
+    turn_images: list[tuple[int, ...]]  # per example: how many of its images each user turn holds
 
 
 class Family(ABC):
@@ -162,27 +178,53 @@ class Family(ABC):
     # trained in the same sequence as the last one. A family that does not (an encoder-decoder, whose decoder
     # holds one reply) reads the history folded into the prompt's text, and trains one example per reply.
     trains_history: bool = False
-    images_per_example = 1  # images each example reads (a conversation with another count is refused)
+    #: most images one example reads (None: any number, each in the user turn that holds it); a record with
+    #: more is refused
+    max_images: int | None = 1
 
     def fold(self, history: Sequence[tuple[str, str]], prompt: str) -> str:
         """The earlier exchanges as text before `prompt`: "Question: q1 Answer: a1 Question: q2 Answer:"."""
         return " ".join([*(f"{p} {a.strip()}".strip() for p, a in history), prompt]).strip()
 
     def dialogue(
-        self, prompts: Sequence[str], history: History
-    ) -> tuple[list[str], list[tuple[tuple[str, str], ...]]]:
-        """(prompts, history) as `encode_batch` takes them: the history folded into the prompts unless the
-        family `trains_history`; no history, an empty one per row."""
+        self,
+        prompts: Sequence[str],
+        history: History,
+        turn_images: TurnImages = None,
+        counts: Sequence[int] | None = None,
+    ) -> tuple[list[str], list[tuple[tuple[str, str], ...]], list[tuple[int, ...]]]:
+        """(prompts, history, turn_images) as `encode_batch` takes them: the history folded into the prompts
+        (and its images into the prompt's turn) unless the family `trains_history`; no history, an empty one
+        per row; no `turn_images`, each example's images (`counts` of them, by default one) in its first turn."""
         history = [tuple(h) for h in history] if history is not None else [()] * len(prompts)
+        counts = counts if counts is not None else [1] * len(prompts)
+        given = turn_images if turn_images is not None else [None] * len(prompts)
+        turn_images = [
+            tuple(t) if t is not None else (n,) + (0,) * len(h)
+            for t, n, h in zip(given, counts, history, strict=True)
+        ]
         if self.trains_history:
-            return list(prompts), history
+            return list(prompts), history, turn_images
         folded = [self.fold(h, p) if h else p for h, p in zip(history, prompts, strict=True)]
-        return folded, [()] * len(prompts)
+        return folded, [()] * len(prompts), [(sum(t),) for t in turn_images]
+
+    def check_images(self, images: list[list[Image.Image]], layout: Layout) -> list[list[Image.Image]]:
+        """Each example's images, as many as the family reads and as its turns hold."""
+        for k, (held, turns) in enumerate(zip(images, layout.turn_images, strict=True)):
+            if not held or (self.max_images is not None and len(held) > self.max_images):
+                most = f"at most {self.max_images}" if self.max_images else "at least one"
+                raise ValueError(f"example {k}: {len(held)} images; {self.name} reads {most} per example")
+            if len(turns) != len(layout.history[k]) + 1 or sum(turns) != len(held):
+                raise ValueError(
+                    f"example {k}: its turns hold {sum(turns)} images in {len(turns)} turns, but it has "
+                    f"{len(held)} images and {len(layout.history[k]) + 1} turns"
+                )
+        return images
 
     def encode(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: Images,
         prompts: Sequence[str],
         targets: Sequence[str] | None,
         *,
@@ -190,46 +232,77 @@ class Family(ABC):
         padding_side: str,
         history: History = None,
         train_history: bool = True,
+        turn_images: TurnImages = None,
     ) -> dict[str, torch.Tensor]:
         """Model inputs for a batch; with `targets`, also `labels`: the target tokens and the end token
         trained (`trained_span`), and with `train_history` each earlier reply of the history the same way,
         every other position (image, prompts, system, padding) IGNORE_INDEX.
 
         Args:
-            images: RGB images, one per example.
+            images: per example, an RGB image, or a list of them (families with `max_images` over one).
             prompts: text before the target ("" for plain captioning, a question for VQA).
             targets: what the model should learn to say, or None at generation time.
             max_length: most text tokens per example (history, prompt, target, end); image tokens not counted.
             padding_side: "right" for training, "left" for batched generation.
             history: per example, the conversation's earlier (prompt, reply) exchanges, rendered.
+            turn_images: per example, how many of its images each user turn holds (the history's, then the
+                prompt's); by default all of them in the first.
         """
-        prompts, history = self.dialogue(prompts, history)
-        layout = Layout(max_length, padding_side, history, train_history)
-        return self.encode_batch(processor, images, prompts, targets, layout)
+        images = image_lists(images)
+        prompts, layout = self.layout(
+            prompts, max_length, padding_side, history, train_history, turn_images, [len(x) for x in images]
+        )
+        return self.encode_batch(processor, self.check_images(images, layout), prompts, targets, layout)
+
+    def layout(
+        self,
+        prompts: Sequence[str],
+        max_length: int,
+        padding_side: str,
+        history: History,
+        train_history: bool,
+        turn_images: TurnImages,
+        counts: Sequence[int] | None = None,
+    ) -> tuple[list[str], Layout]:
+        """(prompts, layout) as `encode_batch` takes them, through `dialogue`."""
+        prompts, history, turn_images = self.dialogue(prompts, history, turn_images, counts)
+        return prompts, Layout(max_length, padding_side, history, train_history, turn_images)
 
     @abstractmethod
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
     ) -> dict[str, torch.Tensor]:
-        """`encode` for the family, the history as `dialogue` gives it (always empty unless `trains_history`)."""
+        """`encode` for the family, the history as `dialogue` gives it (always empty unless `trains_history`);
+        `images` holds each example's images (one, unless `max_images` allows more: `only_images`)."""
 
     def text_tokens(
-        self, processor: Any, prompt: str, target: str, history: Sequence[tuple[str, str]] = ()
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: Sequence[tuple[str, str]] = (),
+        turn_images: Sequence[int] | None = None,
     ) -> int:
         """How many of `--max-length`'s tokens the example's text spends, counted as `encode` counts them
         (history, special tokens and the end token included, image tokens not): over max_length, the target
         is cut. (A prompt that alone is over max_length is refused by `encode`.)"""
-        prompts, histories = self.dialogue([prompt], [history])
-        return self.count_tokens(processor, prompts[0], target, histories[0])
+        turns = None if turn_images is None else [turn_images]
+        prompts, histories, turns = self.dialogue([prompt], [history], turns)
+        return self.count_tokens(processor, prompts[0], target, histories[0], turns[0])
 
     @abstractmethod
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...],
     ) -> int:
         """`text_tokens` for the family, the history as `dialogue` gives it."""
 
@@ -243,10 +316,10 @@ class Family(ABC):
         padding_side: str,
         history: History = None,
         train_history: bool = True,
+        turn_images: TurnImages = None,
     ) -> dict[str, torch.Tensor]:
         """`encode` without the images (the same ids and labels), for training on cached image features."""
-        prompts, history = self.dialogue(prompts, history)
-        layout = Layout(max_length, padding_side, history, train_history)
+        prompts, layout = self.layout(prompts, max_length, padding_side, history, train_history, turn_images)
         return self.encode_text_batch(processor, prompts, targets, layout)
 
     def encode_text_batch(
@@ -257,17 +330,25 @@ class Family(ABC):
     def generation_inputs(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: Images,
         prompts: Sequence[str],
         device: torch.device,
         dtype: torch.dtype,
         max_length: int = 512,
         history: History = None,
+        turn_images: TurnImages = None,
     ) -> dict[str, torch.Tensor]:
         """`encode` without targets, as `generate` takes it: left-padded, on `device`, images in `dtype`; a
-        conversation's `history` laid out exactly as training laid it out."""
+        conversation's `history` (and the images its turns hold) laid out exactly as training laid it out."""
         batch = self.encode(
-            processor, images, prompts, None, max_length=max_length, padding_side="left", history=history
+            processor,
+            images,
+            prompts,
+            None,
+            max_length=max_length,
+            padding_side="left",
+            history=history,
+            turn_images=turn_images,
         )
         return to_model(batch, device, dtype)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import IGNORE_INDEX, Family, Layout, pad_rows, trained_span, unwrap
+from .base import IGNORE_INDEX, Family, Layout, only_images, pad_rows, trained_span, unwrap
 
 # Every linear layer of the text decoder's layers: self- and cross-attention (query, key, value, output
 # dense), the MLP (intermediate and output dense); anchored under text_decoder (the ViT's are qkv, fc1...).
@@ -63,7 +63,7 @@ class Blip(Family):
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
@@ -83,12 +83,17 @@ class Blip(Family):
             rows = [p + s for p, s in zip(prompt_ids, spans, strict=True)]
             labels = [[IGNORE_INDEX] * len(p) + s for p, s in zip(prompt_ids, spans, strict=True)]
         batch = pad_rows(rows, labels, self.pad_id, layout.padding_side)
-        pixels = processor.image_processor(list(images))["pixel_values"]
+        pixels = processor.image_processor(only_images(images))["pixel_values"]
         batch["pixel_values"] = torch.as_tensor(np.stack(pixels))
         return batch
 
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...] = (1,),
     ) -> int:
         tok = processor.tokenizer
         words = [tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, target.strip())]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ._text import assemble, end_tokens, lora_targets, target_text
-from .base import IGNORE_INDEX, Family, Layout, unwrap
+from .base import IGNORE_INDEX, Family, Layout, only_images, unwrap
 
 # What each trainable group trains in full (peft `modules_to_save`).
 GROUP_MODULES = {"qformer": ["qformer"], "projection": ["language_projection"]}
@@ -96,7 +96,7 @@ class Blip2(Family):
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
@@ -105,7 +105,9 @@ class Blip2(Family):
         long; `pixel_values` (B, 3, H, W). A dialogue reads: image tokens, the first prompt, then each reply
         and its end token followed by the next prompt, then the target."""
         # The processor is called with images and text together: that is what inserts the placeholders.
-        enc = processor(images=list(images), text=_first_prompts(prompts, layout.history), padding=False)
+        enc = processor(
+            images=only_images(images), text=_first_prompts(prompts, layout.history), padding=False
+        )
         batch = self._assemble(processor.tokenizer, enc["input_ids"], prompts, targets, layout)
         batch.update(self.text_inputs(processor, prompts))
         batch["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
@@ -124,7 +126,12 @@ class Blip2(Family):
         return batch
 
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...] = (1,),
     ) -> int:
         tok = processor.tokenizer
         # with the tokenizer's own special tokens, as the processor adds them

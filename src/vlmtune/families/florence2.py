@@ -21,7 +21,7 @@ from PIL import Image
 
 from ._text import LORA_TARGETS, assemble, end_tokens
 from ._vlm import TransformersVLM
-from .base import Layout, require_image_tokens
+from .base import Layout, only_images, require_image_tokens
 
 
 class Florence2(TransformersVLM):
@@ -54,7 +54,7 @@ class Florence2(TransformersVLM):
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
@@ -62,7 +62,7 @@ class Florence2(TransformersVLM):
         """`input_ids`, `attention_mask` (the encoder's: image tokens, `<s> prompt </s>`), `pixel_values`, and
         with `targets` the decoder's `labels` (`<s> target </s>`; the model shifts them right itself)."""
         tok = processor.tokenizer
-        enc = processor(images=list(images), text=list(prompts), padding=False)
+        enc = processor(images=only_images(images), text=list(prompts), padding=False)
         rows = [list(ids) for ids in enc["input_ids"]]
         pixels = torch.as_tensor(np.stack(enc["pixel_values"]))
         want = self._image_tokens(*pixels.shape[-2:])
@@ -92,7 +92,12 @@ class Florence2(TransformersVLM):
         return (height // stride) * (width // stride) + 1
 
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...] = (1,),
     ) -> int:
         # only the decoder's side is ever cut: `<s>`, the target, `</s>`
         return len(self._target_ids(processor.tokenizer, target)) + 1

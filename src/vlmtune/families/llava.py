@@ -45,8 +45,8 @@ class Llava(ChatFamily):
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:
         side, extra = self._features_per_view()
         if self.config.model_type == "llava":
-            return side * side + extra
-        return self._anyres_tokens(*(int(v) for v in image_inputs["image_sizes"][0]))
+            return (side * side + extra) * len(image_inputs["pixel_values"])
+        return sum(self._anyres_tokens(int(h), int(w)) for h, w in image_inputs["image_sizes"])
 
     def _anyres_tokens(self, height: int, width: int) -> int:
         """LLaVA-NeXT's count, as its model packs the features: the base view, then the tile grid's patches

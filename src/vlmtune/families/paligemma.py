@@ -24,7 +24,7 @@ from PIL import Image
 
 from ._text import assemble, end_tokens
 from ._vlm import TransformersVLM
-from .base import IGNORE_INDEX, Layout, require_image_tokens
+from .base import IGNORE_INDEX, Layout, only_images, require_image_tokens
 
 
 class PaliGemma(TransformersVLM):
@@ -54,7 +54,7 @@ class PaliGemma(TransformersVLM):
     def encode_batch(
         self,
         processor: Any,
-        images: Sequence[Image.Image],
+        images: list[list[Image.Image]],
         prompts: Sequence[str],
         targets: Any,
         layout: Layout,
@@ -63,7 +63,7 @@ class PaliGemma(TransformersVLM):
         the suffix and `<eos>`) for a batch; the processor writes the image tokens, `<bos>` and the "\\n"."""
         tok = processor.tokenizer
         text = [processor.image_token + prompt for prompt in prompts]
-        enc = processor(images=list(images), text=text, padding=False)
+        enc = processor(images=only_images(images), text=text, padding=False)
         rows = [list(ids) for ids in enc["input_ids"]]
         for ids in rows:
             require_image_tokens(ids, self.image_token_id, self.num_image_tokens)
@@ -89,7 +89,12 @@ class PaliGemma(TransformersVLM):
         return batch
 
     def count_tokens(
-        self, processor: Any, prompt: str, target: str, history: tuple[tuple[str, str], ...]
+        self,
+        processor: Any,
+        prompt: str,
+        target: str,
+        history: tuple[tuple[str, str], ...],
+        turn_images: tuple[int, ...] = (1,),
     ) -> int:
         tok = processor.tokenizer
         prefix = tok(tok.bos_token + prompt + "\n", add_special_tokens=False)["input_ids"]

@@ -83,4 +83,4 @@ class QwenVL(ChatFamily):
 
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:
         merge = self.config.vision_config.spatial_merge_size
-        return int(image_inputs["image_grid_thw"].prod()) // merge**2
+        return int(image_inputs["image_grid_thw"].prod(-1).sum()) // merge**2  # (images, 3): t, h, w each

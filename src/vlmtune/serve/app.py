@@ -156,23 +156,41 @@ def create_app(engine: Engine, cfg: ServeConfig, api_key: str | None = None) -> 
 
     @app.post("/v1/chat/completions", tags=["openai"], responses=ERRORS, response_model=ChatResponse)
     async def chat(req: ChatRequest) -> Any:
-        """OpenAI chat completions: one image as an `image_url` data URI; the whole conversation (system and
-        earlier turns included) in the family's template, as training renders it; the reply continues it."""
+        """OpenAI chat completions: images as `image_url` data URIs (several, in any user turns, for families
+        that read several); the whole conversation (system and earlier turns included) in the family's
+        template, as training renders it; the reply continues it."""
         adapter = pick(req.model)
         if req.n > cfg.max_n:
             raise APIError(400, f"n {req.n} is over this server's limit of {cfg.max_n}")
         limit = token_limit(req.max_completion_tokens or req.max_tokens)
-        url, dialogue = _conversation(req, Prompting(adapter.prompt, None, engine.family.question_template))
-        image = await image_of(bytes_from_url(url), "the image_url image")
+        prompting = Prompting(adapter.prompt, None, engine.family.question_template)
+        urls, dialogue = _conversation(req, prompting, engine.family.max_images)
+        images = [
+            await image_of(
+                bytes_from_url(url), "the image_url image" if len(urls) == 1 else f"image_url {k + 1}"
+            )
+            for k, url in enumerate(urls)
+        ]
         sampling = Sampling(req.temperature or 0.0, req.top_p or 1.0)
-        prompt, history = dialogue.prompt, dialogue.history
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def job(on_text: Any = None) -> Job:
+            return Job(
+                images,
+                dialogue.prompt,
+                adapter,
+                limit,
+                sampling,
+                on_text,
+                history=dialogue.history,
+                turn_images=dialogue.turn_images,
+            )
+
         if req.stream:
             return StreamingResponse(
-                _stream(rid, now, adapter, req.n, image, prompt, history, limit, sampling, generate),
-                media_type="text/event-stream",
+                _stream(rid, now, adapter, req.n, job, generate), media_type="text/event-stream"
             )
-        jobs = [Job(image, prompt, adapter, limit, sampling, history=history) for _ in range(req.n)]
+        jobs = [job() for _ in range(req.n)]
         results = await generate(jobs)
         return ChatResponse(
             id=rid,
@@ -240,29 +258,27 @@ def _usage(results: list[Result]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _conversation(req: ChatRequest, prompting: Prompting) -> tuple[str, Dialogue]:
-    """The one image URL of the conversation, and what to generate from: every turn, read by the same
-    parser as training data, rendered as training renders it."""
+def _conversation(req: ChatRequest, prompting: Prompting, most: int | None) -> tuple[list[str], Dialogue]:
+    """The image URLs of the conversation (at most `most`), and what to generate from: every turn, read by
+    the same parser as training data, rendered as training renders it."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
         conversation = parse(messages, training=False)
     except DataError as e:
         raise APIError(400, f"messages: {e}") from None
-    urls = conversation.images
+    urls = list(conversation.images)
     if not urls:
         raise APIError(
             400, "no image: add a content part {'type': 'image_url', 'image_url': {'url': 'data:...'}}"
         )
-    if len(urls) > 1:
-        raise APIError(400, f"{len(urls)} images sent; this model takes one image per conversation")
-    if not isinstance(urls[0], str) or not urls[0]:
+    if most is not None and len(urls) > most:
+        raise APIError(400, f"{len(urls)} images sent; this model takes at most {most} per conversation")
+    if not all(isinstance(url, str) and url for url in urls):
         raise APIError(400, "an image_url part has no url")
-    return urls[0], prompting.reply_to(conversation)
+    return urls, prompting.reply_to(conversation)
 
 
-async def _stream(
-    rid, created, adapter, n, image, prompt, history, limit, sampling, generate
-) -> AsyncIterator[str]:
+async def _stream(rid, created, adapter, n, job, generate) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: a role chunk, text deltas as they are generated, a chunk
     with each choice's finish_reason, then [DONE]."""
     loop = asyncio.get_running_loop()
@@ -283,7 +299,7 @@ async def _stream(
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    jobs = [Job(image, prompt, adapter, limit, sampling, sender(i), history=history) for i in range(n)]
+    jobs = [job(sender(i)) for i in range(n)]
     task = asyncio.ensure_future(generate(jobs))
     while not (task.done() and pieces.empty()):
         getter = asyncio.ensure_future(pieces.get())

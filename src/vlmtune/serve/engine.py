@@ -64,7 +64,7 @@ class Result:
 class Job:
     """One completion to generate. `on_text` (if set) is called from the worker thread with each new piece."""
 
-    image: Image.Image
+    images: Image.Image | Sequence[Image.Image]  # the image, or the images in the order the turns show them
     prompt: str
     adapter: Adapter
     max_tokens: int
@@ -72,6 +72,9 @@ class Job:
     on_text: Callable[[str], None] | None = None
     future: asyncio.Future | None = None
     history: tuple[tuple[str, str], ...] = ()  # the conversation's earlier exchanges, rendered
+    turn_images: tuple[int, ...] | None = (
+        None  # how many images each user turn shows (default: all in the first)
+    )
 
 
 def parse_runs(runs: Sequence[str]) -> dict[str, str]:
@@ -150,11 +153,12 @@ class Engine:
         fam, proc = self.family, self.processor
         batch = fam.generation_inputs(
             proc,
-            [j.image for j in jobs],
+            [j.images for j in jobs],
             [j.prompt for j in jobs],
             self.device,
             self.dtype,
             history=[j.history for j in jobs],
+            turn_images=[j.turn_images for j in jobs],
         )
         prompt_tokens = batch["attention_mask"].sum(1).tolist()
         new: dict[int, list[int]] = {}

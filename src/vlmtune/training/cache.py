@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..atomic import remove_abandoned, temporary, write_file
+from ..data.examples import Dialogue
 from ..families import Family
 
 # Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
@@ -157,7 +158,7 @@ def store_key(
     if fingerprint is None:
         return None
     probe = Image.fromarray((np.indices((96, 128, 3)).sum(axis=0) * 37 % 256).astype(np.uint8))
-    batch = collate([{"image": probe, "prompt": "", "target": "a probe"}])
+    batch = collate([Dialogue("", "a probe").example([probe], 0)])
     was_training = model.training
     model.eval()
     with accelerator.autocast():

@@ -317,12 +317,13 @@ class Session:
     def generate(self, inner: Any, examples: list[dict[str, Any]]) -> list[str]:
         batch = self.family.generation_inputs(
             self.processor,
-            [x["image"] for x in examples],
+            [x["images"] for x in examples],
             [x["prompt"] for x in examples],
             self.accelerator.device,
             self.dtype,
             max_length=self.cfg.max_length,
-            history=[x.get("history", ()) for x in examples],
+            history=[x["history"] for x in examples],
+            turn_images=[x["turn_images"] for x in examples],
         )
         # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
         with self.accelerator.autocast():
