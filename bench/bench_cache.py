@@ -72,7 +72,7 @@ def one(args: argparse.Namespace) -> None:
         files = [p for p in out.rglob("*") if p.is_file()]
         row = {
             "samples_per_s": len(examples) / seconds,
-            "files": len(files),
+            "files": sum(p.suffix == ".npy" for p in files),  # of features (beside them: their images' sizes)
             "disk_gib": sum(p.stat().st_size for p in files) / 2**30,
             "cache_gib": features[torch.tensor([0])].nbytes * len(examples) / 2**30,
             "peak_gib": max(peaks),

@@ -42,7 +42,9 @@ def run_case(accelerator, model, processor, train_set, out: Path, where: str, dt
     family = family_for(model.config)
     seen = []
     image_features = family.image_features
-    family.image_features = lambda m, pixels, *a: seen.append(len(pixels)) or image_features(m, pixels, *a)
+    family.image_features = lambda m, batch, *a: (
+        seen.append(len(batch["pixel_values"])) or image_features(m, batch, *a)
+    )
     if "ragged" in where:
         family.image_features = ragged(family.image_features)
     if "disk" in where:
@@ -73,8 +75,9 @@ def run_case(accelerator, model, processor, train_set, out: Path, where: str, dt
 def ragged(image_features):
     """Per-image features of varying length: image i keeps its first 1 + (a function of its pixels) rows."""
 
-    def varying(model, pixels, *args):
-        rows = image_features(model, pixels, *args)
+    def varying(model, batch, *args):
+        rows = image_features(model, batch, *args)
+        pixels = batch["pixel_values"]
         keep = [1 + int(p.float().sum().abs() * 1000) % len(r) for p, r in zip(pixels, rows, strict=True)]
         return [r[:k] for r, k in zip(rows, keep, strict=True)]
 

@@ -62,7 +62,7 @@ def test_loss_with_cached_features_equals_loss_without(tiny):
     full = family.encode(processor, images, [""] * 4, texts, max_length=48, padding_side="right")
     with torch.no_grad():
         fresh = model(**full).loss
-        features = family.image_features(model, full["pixel_values"])
+        features = family.image_features(model, full)
         assert features.shape == (4, model.config.num_query_tokens, model.config.text_config.hidden_size)
         text = family.encode_text(processor, [""] * 4, texts, max_length=48, padding_side="right")
         cached = model(**text, **family.cached_inputs(features)).loss
@@ -142,8 +142,8 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
         return adapter(short_run(football, tmp_path / name, feature_cache_dir=str(keep), **extra))
 
     first = run("first")
-    kept = list(keep.iterdir())
-    assert [p.suffix for p in kept] == [".npy"]  # one file, and no temporary left behind
+    kept = sorted(keep.iterdir())  # the features and their images' sizes, and no temporary left behind
+    assert [p.name.split(".", 1)[1] for p in kept] == ["npy", "sizes.json"]
     assert f"image features: kept in {kept[0]}" in capsys.readouterr().out
 
     def no_vision_pass(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_kept_features_are_read_by_the_next_run_on_the_same_model_and_data(
 
     monkeypatch.undo()
     run("held-out", val_fraction=0.25)  # other selections of the data: its training and held-out rows
-    assert len(list(keep.iterdir())) == 3
+    assert len(list(keep.glob("*.npy"))) == 3
 
 
 def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_path, monkeypatch):
@@ -166,7 +166,8 @@ def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_pat
 
     keep, files = tmp_path / "features", too_big_for_memory(monkeypatch)
     first = short_run(football, tmp_path / "first", feature_cache_dir=str(keep))
-    (kept,) = keep.iterdir()
+    (kept,) = keep.glob("*.npy")
+    before = sorted(keep.iterdir())  # the features and their images' sizes
     assert {f.parent for f in files} == {keep} and all(f.name.startswith(kept.name) for f in files)
     assert not list(first.glob("feature_cache*"))
     second = short_run(football, tmp_path / "second", feature_cache_dir=str(keep))
@@ -178,7 +179,7 @@ def test_kept_features_too_big_for_memory_are_written_in_place(football, tmp_pat
     monkeypatch.setattr(cache.DiskFeatures, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         short_run(football, tmp_path / "stopped", feature_cache_dir=str(keep), val_fraction=0.25)
-    assert list(keep.iterdir()) == [kept]
+    assert sorted(keep.iterdir()) == before
 
 
 def test_temporary_files_of_dead_writers_are_removed(tmp_path):

@@ -61,21 +61,70 @@ def test_a_dialogue_is_laid_out_by_the_real_template_and_only_replies_train(chat
     assert batch["input_ids"][0].tolist() == ref["input_ids"][0].tolist()[:-1]
     for name in family.token_inputs(batch["input_ids"]):  # the per-token inputs: the processor's too
         assert batch[name][0].tolist() == ref[name][0].tolist()[:-1]
-    labels = batch["labels"][0]
-    trained = labels != IGNORE_INDEX
-    spans, start = [], None  # the trained runs of positions
-    for i, t in enumerate(trained.tolist() + [False]):
-        if t and start is None:
-            start = i
-        elif not t and start is not None:
-            # SmolVLM's template writes "Assistant: reply" but prompts generation with "Assistant:": the space
-            # is the reply's first character, and trains with it
-            spans.append(tok.decode(labels[start:i]).removeprefix(" "))
-            start = None
+    spans = trained_spans(batch["labels"][0], tok)
     end = family.end_of_turn
     assert spans == [f"a red ball{end}", f"on the left{end}", f"red{end}"]
     # the turn headers, the questions and the image are never trained
     assert not any("What" in span or "user" in span for span in spans)
+
+
+def trained_spans(labels: torch.Tensor, tok) -> list[str]:
+    """The trained runs of positions, decoded (SmolVLM's template writes "Assistant: reply" but prompts
+    generation with "Assistant:": the space is the reply's first character, and trains with it)."""
+    spans, start = [], None
+    for i, t in enumerate((labels != IGNORE_INDEX).tolist() + [False]):
+        if t and start is None:
+            start = i
+        elif not t and start is not None:
+            spans.append(tok.decode(labels[start:i]).removeprefix(" "))
+            start = None
+    return spans
+
+
+def test_several_images_open_the_user_turns_that_hold_them(chat_family):
+    """Two images with the first question and one with the third: each turn's placeholders where the template
+    puts them, the ids the processor's own for the whole dialogue (each image expanded by its own size), only
+    the replies trained, and --max-length counted as encode spends it."""
+    family, processor = chat_family
+    images = [
+        Image.new("RGB", (32, 48), (200, 30, 30)),
+        Image.new("RGB", (64, 32), (30, 30, 200)),
+        Image.new("RGB", (48, 48), (30, 200, 30)),
+    ]
+    history, turns = [("Which is red?", "the first"), ("And the other?", "blue")], (2, 0, 1)
+    prompt, target = "What colour is the new one?", "green"
+    batch = family.encode(
+        processor, [images], [prompt], [target], max_length=300, padding_side="right", history=[history],
+        turn_images=[turns],
+    )  # fmt: skip
+    rendered = processor.apply_chat_template(
+        family.messages([*history, (prompt, target)], turns), tokenize=False
+    )
+    at = [rendered.index(text) for text in ("Which is red?", "And the other?", prompt)]
+    pieces = [rendered[: at[0]], rendered[at[0] : at[1]], rendered[at[1] : at[2]]]
+    assert [piece.count(family.image_token) for piece in pieces] == [2, 0, 1]
+    bos = processor.tokenizer.bos_token
+    special = not (bos and rendered.startswith(bos))
+    ref = processor(images=[images], text=[rendered], return_tensors="pt", add_special_tokens=special)
+    assert batch["input_ids"][0].tolist() == ref["input_ids"][0].tolist()[:-1]
+    assert int((batch["input_ids"] == family.image_token_id).sum()) == family.image_token_count(ref)
+    for name in processor.image_processor.model_input_names:
+        if name in ref:
+            assert torch.equal(batch[name], ref[name]), name
+    end = family.end_of_turn
+    assert trained_spans(batch["labels"][0], processor.tokenizer) == [
+        f"the first{end}",
+        f"blue{end}",
+        f"green{end}",
+    ]
+    need = family.text_tokens(processor, prompt, target, history, turns)
+    for budget, whole in ((need, True), (need - 1, False)):
+        got = family.encode(
+            processor, [images], [prompt], [target], max_length=budget, padding_side="right", history=[history],
+            turn_images=[turns],
+        )  # fmt: skip
+        labels = got["labels"][0][got["labels"][0] != IGNORE_INDEX].tolist()
+        assert (labels[-1] == family.end_token_id) == whole, budget
 
 
 def test_image_tokens_follow_the_image_size_and_are_checked_against_it(qwen):

@@ -1,5 +1,6 @@
 """The command line: help for every command, and a clear error (exit 2, no traceback) for each mistake."""
 
+import json
 import subprocess
 import sys
 
@@ -177,3 +178,13 @@ def test_run_or_model_not_both(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(image)
     assert main(["caption", str(image)]) == 2
     assert "exactly one of --run RUN_DIR or --model MODEL" in capsys.readouterr().err
+
+
+def test_models_lists_every_family_with_what_it_reads(capsys):
+    from vlmtune.families import FAMILIES
+
+    assert main(["models", "--json"]) == 0
+    table = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(table) == [f.name for f in FAMILIES]
+    assert table["blip-2"]["images"] == "one" and table["qwen-vl"]["images"] == "several"
+    assert "deepstack" in table["qwen-vl"]["cache"]  # the cache each family keeps, from the family itself

@@ -60,7 +60,8 @@ def test_every_layout_gives_the_same_ids_and_labels(tmp_path, tiny):
         assert detect(source)[0] == ("datasets-dir" if layout == "trl" else "conversations")
         batches[layout], _ = batch_of(source, family, processor)
         if layout != "trl":
-            first = layouts.WRITERS[layout](0, "x.png", data[0][1], SYSTEM)
+            names = [["x.png"]] + [[]] * (len(data[0][1]) - 1)  # the image with the first question
+            first = layouts.WRITERS[layout](0, names, data[0][1], SYSTEM)
             said[layout] = layout_of(first)
     assert len(set(said.values())) == 3  # data check names each layout apart
     reference = batches["llava"]
@@ -109,7 +110,9 @@ def test_the_label_mask_of_a_three_turn_conversation(tmp_path, tiny):
             tok(" " + exchanges[2][1], add_special_tokens=False)["input_ids"] + [end]
         ]
     # The cached-features path lays out the same ids and labels without an image.
-    text_only = Collator(family, processor, 128, cached=True)([{**x, "images": []} for x in items])
+    text_only = Collator(family, processor, 128, cached=True)(
+        [{**x, "images": [], "image_sizes": None} for x in items]
+    )
     for key in ("input_ids", "labels"):
         assert torch.equal(text_only[key], batch[key])
 

@@ -16,6 +16,7 @@ def rows() -> list[dict[str, Any]]:
             "lora": f.lora,
             "train_modules": dict(f.groups),
             "cache": f.cache,
+            "images": "one" if f.max_images == 1 else f"up to {f.max_images}" if f.max_images else "several",
             "caption_prompt": f.caption_prompt,
             "question_template": f.question_template,
             "memory": f.memory,
@@ -39,6 +40,7 @@ def models(cfg: ModelsConfig) -> list[dict[str, Any]]:
         groups = "; ".join(f"{g}: {why}" for g, why in row["train_modules"].items()) or "none"
         print(f"  --train-modules: {groups}")
         print(f"  feature cache:   {row['cache']}")
+        print(f"  images:          {row['images']} per example")
         print(f"  prompts:         caption {row['caption_prompt']!r}, question {row['question_template']!r}")
         print(f"  memory:          {row['memory']}\n")
     print("--model takes a hub id or a local directory of any of these; the family is read from its config.")

@@ -30,7 +30,9 @@ class Collator:
             turn_images=[e["turn_images"] for e in examples],
         )
         if self.cached:
-            batch = self.family.encode_text(self.processor, prompts, targets, **text)
+            sizes = [e["image_sizes"] for e in examples]
+            sizes = None if any(s is None for s in sizes) else sizes
+            batch = self.family.encode_text(self.processor, prompts, targets, image_sizes=sizes, **text)
             batch["image_index"] = torch.tensor([e["index"] for e in examples])
             return batch
         images = [e["images"] for e in examples]

@@ -170,22 +170,25 @@ class CaptionExamples:
         """Each example's target length in characters: a cheap stand-in for tokens, for grouping by length."""
         return [len(t) if isinstance(t, str) else 0 for _, t in self.pairs]
 
-    def without_images(self) -> TextOnlyExamples:
-        """The same examples, in the same order, with no image decoded (for cached image features)."""
+    def without_images(self, sizes: list | None = None) -> TextOnlyExamples:
+        """The same examples, in the same order, with no image decoded (for cached image features); `sizes`:
+        each row's images' (width, height), which their tokens may follow."""
         column = self.prompting.question_column
         prompts = (
             [self.prompting({column: q}) for q in column_values(self.dataset, column)]
             if column
             else [self.prompting.prompt] * len(self.dataset)
         )
-        return TextOnlyExamples([(i, Dialogue(prompts[i], t)) for i, t in self.pairs])
+        return TextOnlyExamples([(i, Dialogue(prompts[i], t)) for i, t in self.pairs], sizes)
 
 
 @dataclass
 class TextOnlyExamples:
-    """(row, dialogue) examples without decoding any image: for training on cached image features."""
+    """(row, dialogue) examples without decoding any image: for training on cached image features, with each
+    row's image sizes where they are known (the text's layout may follow them)."""
 
     items: list[tuple[int, Dialogue]]
+    sizes: list | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -193,7 +196,7 @@ class TextOnlyExamples:
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, d = self.items[k]
         checked_target(d.target, f"row {i}")
-        return d.example([], i)
+        return {**d.example([], i), "image_sizes": self.sizes[i] if self.sizes else None}
 
 
 class ConversationExamples(CaptionExamples):
@@ -259,5 +262,5 @@ class ConversationExamples(CaptionExamples):
     def target_lengths(self) -> list[int]:
         return [len(d.target) + sum(len(a) for _, a in d.history) for _, d in self.pairs]
 
-    def without_images(self) -> TextOnlyExamples:
-        return TextOnlyExamples(list(self.pairs))
+    def without_images(self, sizes: list | None = None) -> TextOnlyExamples:
+        return TextOnlyExamples(list(self.pairs), sizes)

@@ -22,7 +22,16 @@ from typing import Any
 from PIL import Image
 
 LAYOUTS = ("llava", "sharegpt", "trl", "openai")
-Dialogue = tuple[Image.Image, Sequence[tuple[str, str]]]  # an image and its (user, assistant) exchanges
+# An image and its (user, assistant) exchanges; or, for several images, one list of images per exchange (the
+# images its user turn shows, maybe none).
+Dialogue = tuple[Image.Image | Sequence[Sequence[Image.Image]], Sequence[tuple[str, str]]]
+
+
+def per_turn(images: Image.Image | Sequence[Sequence[Image.Image]], turns: int) -> list[list[Image.Image]]:
+    """A dialogue's images as one list per exchange: a lone image goes with the first."""
+    if isinstance(images, Image.Image):
+        return [[images]] + [[] for _ in range(turns - 1)]
+    return [list(shown) for shown in images]
 
 
 def write(layout: str, dialogues: Sequence[Dialogue], out: str | Path, system: str = "") -> Path:
@@ -33,10 +42,13 @@ def write(layout: str, dialogues: Sequence[Dialogue], out: str | Path, system: s
         return _trl(dialogues, out, system)
     (out / "images").mkdir(exist_ok=True)
     records = []
-    for k, (image, exchanges) in enumerate(dialogues):
-        name = f"images/{k}.png"
-        image.save(out / name)
-        records.append(WRITERS[layout](k, name, exchanges, system))
+    for k, (images, exchanges) in enumerate(dialogues):
+        names = []
+        for j, shown in enumerate(per_turn(images, len(exchanges))):
+            names.append([f"images/{k}-{j}-{n}.png" for n in range(len(shown))])
+            for image, name in zip(shown, names[-1], strict=True):
+                image.save(out / name)
+        records.append(WRITERS[layout](k, names, exchanges, system))
     if layout == "llava":
         path = out / "data.json"
         path.write_text(json.dumps(records, indent=1))
@@ -50,30 +62,34 @@ def _system(system: str, role_key: str = "role", text_key: str = "content") -> l
     return [{role_key: "system", text_key: system}] if system else []
 
 
-def _llava(k: int, image: str, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
+Names = Sequence[Sequence[str]]  # the image files each exchange's user turn shows
+
+
+def _llava(k: int, names: Names, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
     turns = _system(system, "from", "value")
-    for j, (user, reply) in enumerate(exchanges):
+    for shown, (user, reply) in zip(names, exchanges, strict=True):
         turns += [
-            {"from": "human", "value": ("<image>\n" if j == 0 else "") + user},
+            {"from": "human", "value": "<image>\n" * len(shown) + user},
             {"from": "gpt", "value": reply},
         ]
-    return {"id": str(k), "image": image, "conversations": turns}
+    files = [name for shown in names for name in shown]
+    return {"id": str(k), "image": files[0] if len(files) == 1 else files, "conversations": turns}
 
 
-def _sharegpt(k: int, image: str, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
+def _sharegpt(k: int, names: Names, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
     messages = _system(system)
-    for j, (user, reply) in enumerate(exchanges):
+    for shown, (user, reply) in zip(names, exchanges, strict=True):
         messages += [
-            {"role": "user", "content": ("<image>" if j == 0 else "") + user},
+            {"role": "user", "content": "<image>" * len(shown) + user},
             {"role": "assistant", "content": reply},
         ]
-    return {"messages": messages, "images": [image]}
+    return {"messages": messages, "images": [name for shown in names for name in shown]}
 
 
-def _openai(k: int, image: str, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
+def _openai(k: int, names: Names, exchanges: Sequence[tuple[str, str]], system: str) -> dict[str, Any]:
     messages = _system(system)
-    for j, (user, reply) in enumerate(exchanges):
-        parts = [{"type": "image_url", "image_url": {"url": image}}] if j == 0 else []
+    for shown, (user, reply) in zip(names, exchanges, strict=True):
+        parts = [{"type": "image_url", "image_url": {"url": name}} for name in shown]
         messages += [
             {"role": "user", "content": parts + [{"type": "text", "text": user}]},
             {"role": "assistant", "content": reply},
@@ -97,15 +113,16 @@ def _trl(dialogues: Sequence[Dialogue], out: Path, system: str) -> Path:
         }
     )
     rows: dict[str, list] = {"images": [], "messages": []}
-    for image, exchanges in dialogues:
+    for images, exchanges in dialogues:
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-        for j, (user, reply) in enumerate(exchanges):
-            image_part = [{"type": "image", "text": None}] if j == 0 else []
+        shown = per_turn(images, len(exchanges))
+        for held, (user, reply) in zip(shown, exchanges, strict=True):
+            image_parts = [{"type": "image", "text": None} for _ in held]
             messages += [
-                {"role": "user", "content": image_part + [{"type": "text", "text": user}]},
+                {"role": "user", "content": image_parts + [{"type": "text", "text": user}]},
                 {"role": "assistant", "content": [{"type": "text", "text": reply}]},
             ]
-        rows["images"].append([image])
+        rows["images"].append([image for held in shown for image in held])
         rows["messages"].append(messages)
     Dataset.from_dict(rows, features=features).save_to_disk(str(out / "trl"))
     return out / "trl"

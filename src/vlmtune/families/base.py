@@ -94,6 +94,8 @@ class Layout:
     history: list[tuple[tuple[str, str], ...]]  # per example: earlier (prompt, reply) exchanges, rendered
     train_history: bool  # the history's replies trained too
     turn_images: list[tuple[int, ...]]  # per example: how many of its images each user turn holds
+    # per example: its images' (width, height), where the text is laid out without them (`encode_text`)
+    image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None
 
 
 class Family(ABC):
@@ -263,10 +265,11 @@ class Family(ABC):
         train_history: bool,
         turn_images: TurnImages,
         counts: Sequence[int] | None = None,
+        image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> tuple[list[str], Layout]:
         """(prompts, layout) as `encode_batch` takes them, through `dialogue`."""
         prompts, history, turn_images = self.dialogue(prompts, history, turn_images, counts)
-        return prompts, Layout(max_length, padding_side, history, train_history, turn_images)
+        return prompts, Layout(max_length, padding_side, history, train_history, turn_images, image_sizes)
 
     @abstractmethod
     def encode_batch(
@@ -317,9 +320,14 @@ class Family(ABC):
         history: History = None,
         train_history: bool = True,
         turn_images: TurnImages = None,
+        image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`encode` without the images (the same ids and labels), for training on cached image features."""
-        prompts, layout = self.layout(prompts, max_length, padding_side, history, train_history, turn_images)
+        """`encode` without the images (the same ids and labels), for training on cached image features;
+        `image_sizes`: each example's images' (width, height), where the tokens an image gives follow its size."""
+        counts = None if image_sizes is None else [len(s) for s in image_sizes]
+        prompts, layout = self.layout(
+            prompts, max_length, padding_side, history, train_history, turn_images, counts, image_sizes
+        )
         return self.encode_text_batch(processor, prompts, targets, layout)
 
     def encode_text_batch(
@@ -353,11 +361,12 @@ class Family(ABC):
         return to_model(batch, device, dtype)
 
     def image_features(
-        self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
+        self, model: Any, batch: dict[str, Any], upto: str = "projection"
     ) -> torch.Tensor | list[torch.Tensor]:
-        """What the frozen part of the image path hands on, per image (see `cache_level`): a (B, ...) tensor,
-        or a list of B tensors (n_i, ...) when images give a varying number of feature tokens; the cache
-        stores either, and `cached_inputs` gets back what this returned."""
+        """What the frozen part of the image path hands on for each example of `batch` (`encode`'s output, on
+        the model's device; see `cache_level`): a (B, ...) tensor, or a list of B tensors (n_i, ...) when
+        examples give a varying number of feature tokens; the cache stores either, and `cached_inputs` gets
+        back what this returned."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
     def cached_inputs(

@@ -214,11 +214,10 @@ class Blip2(Family):
 
     # --- the image-feature cache -----------------------------------------------------------------------
 
-    def image_features(
-        self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
-    ) -> torch.Tensor:
-        """ViT -> Q-Former -> language projection: (B, 3, H, W) -> (B, num_query_tokens, d_lm); up to
+    def image_features(self, model: Any, batch: dict[str, Any], upto: str = "projection") -> torch.Tensor:
+        """ViT -> Q-Former -> language projection: (B, 3, H, W) pixels -> (B, num_query_tokens, d_lm); up to
         "vision", the ViT's last hidden state alone: (B, 1 + patches, d_vision)."""
+        pixel_values = batch["pixel_values"]
         if upto == "vision":
             return unwrap(model).vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
         out = model.get_image_features(pixel_values=pixel_values, return_dict=True)

@@ -66,10 +66,8 @@ class InstructBlip(Blip2):
         batch = pad_rows(ids, None, processor.qformer_tokenizer.pad_token_id, "right")
         return {"qformer_input_ids": batch["input_ids"], "qformer_attention_mask": batch["attention_mask"]}
 
-    def image_features(
-        self, model: Any, pixel_values: torch.Tensor, upto: str = "projection"
-    ) -> torch.Tensor:
-        return super().image_features(model, pixel_values, "vision")  # nothing later is text-free
+    def image_features(self, model: Any, batch: dict[str, Any], upto: str = "projection") -> torch.Tensor:
+        return super().image_features(model, batch, "vision")  # nothing later is text-free
 
     def after_vision(self, base: Any, image_embeds: torch.Tensor, batch: Any) -> torch.Tensor:
         """`InstructBlipForConditionalGeneration.get_image_features` from the ViT's output: the Q-Former reads

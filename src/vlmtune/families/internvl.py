@@ -25,7 +25,7 @@ class InternVL(ChatFamily):
         "projector": "the MLP projector (pixel-shuffled InternViT features -> language width)",
         "vision": "the InternViT vision tower",
     }
-    cache = "none yet"
+    cache = "InternViT + projector output of every tile, when neither trains"
     memory = "InternVL3-1B: ~6 GiB bf16 LoRA at batch 4, one tile per image (estimate, not measured)"
     image_token = "<IMG_CONTEXT>"
     end_of_turn = "<|im_end|>"

@@ -25,7 +25,7 @@ class Llava(ChatFamily):
         "projector": "the MLP projector (CLIP features -> language width)",
         "vision": "the CLIP vision tower",
     }
-    cache = "LLaVA-1.5: CLIP + projector output, when neither trains; LLaVA-NeXT: none yet (tiles vary)"
+    cache = "CLIP + projector output (LLaVA-NeXT: of every tile, packed), when neither trains"
     memory = "llava-1.5-7b: ~18 GiB bf16 LoRA at batch 4, ~8 GiB as QLoRA (estimates, not measured)"
     image_token = "<image>"
     end_of_turn = "</s>"

@@ -7,8 +7,8 @@ An image gives a variable number of tokens: the image processor resizes it to mu
 within `min_pixels`..`max_pixels` (the processor's `size`: `shortest_edge` / `longest_edge`, in pixels), and
 the model fills `grid_t * grid_h * grid_w / merge**2` placeholders `<|image_pad|>` between
 `<|vision_start|>` and `<|vision_end|>`. The processor expands the one placeholder the chat template writes;
-`image_grid_thw` travels with the batch, since the positions are computed from it. The conversation is the
-chat template's (`_chat.py`); a reply ends with `<|im_end|>`.
+`image_grid_thw` travels with the batch, since the positions are computed from it (with cached features too).
+The conversation is the chat template's (`_chat.py`); a reply ends with `<|im_end|>`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class QwenVL(ChatFamily):
         "projector": "the patch merger (vision -> language width)",
         "vision": "the vision tower's patch embedding and blocks",
     }
-    cache = "none yet (features vary in length with the image and need its grid)"
+    cache = "vision tower + merger output (Qwen3-VL: and its deepstack features), when neither trains"
     memory = "Qwen2.5-VL-3B: ~10 GiB bf16 LoRA at batch 4 and 512x512 images (estimate, not measured)"
     image_token = "<|image_pad|>"
     end_of_turn = "<|im_end|>"
@@ -58,6 +58,32 @@ class QwenVL(ChatFamily):
         }
         return [m for g, names in tower.items() if g not in groups for m in names]
 
+    pooled_per_image = True
+    kept_with_features = ("image_grid_thw",)
+
+    def flat_features(self, out: Any) -> torch.Tensor:
+        # Qwen3-VL's deepstack features (middle vision layers' tokens, merged, added to the first language
+        # layers' states at the image tokens) are kept beside the last layer's, along the width
+        pooled = super().flat_features(out)
+        deep = [torch.cat(list(layer)) for layer in getattr(out, "deepstack_features", None) or ()]
+        return torch.cat([pooled, *deep], dim=-1)
+
+    def encoder_outputs(self, rows: torch.Tensor) -> Any:
+        width = self.config.text_config.hidden_size
+        if rows.shape[-1] == width:
+            return super().encoder_outputs(rows)
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        pooled, *deep = rows.split(width, dim=-1)
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=[pooled], deepstack_features=[[d] for d in deep]
+        )
+
+    def stand_in_size(self, processor: Any, width: int, height: int) -> tuple[int, int]:
+        # already the size the processor resizes it to: the same grid, no resizing work per step
+        h, w = self._resized(processor, width, height)
+        return w, h
+
     def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         # which tokens are an image's (1; a video's would be 2): the 3-D positions are laid out from them
         return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
@@ -72,13 +98,19 @@ class QwenVL(ChatFamily):
             size["longest_edge"] = max_pixels
         processor.image_processor.size = size
 
-    def image_tokens(self, processor: Any, width: int, height: int) -> int:
+    def _resized(self, processor: Any, width: int, height: int) -> tuple[int, int]:
+        """(height, width) the image processor resizes an image of this size to: multiples of patch x merge,
+        within its pixel limits."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         images = processor.image_processor
         factor = images.patch_size * images.merge_size
-        size = images.size
-        h, w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+        return smart_resize(height, width, factor, images.size["shortest_edge"], images.size["longest_edge"])
+
+    def image_tokens(self, processor: Any, width: int, height: int) -> int:
+        images = processor.image_processor
+        factor = images.patch_size * images.merge_size
+        h, w = self._resized(processor, width, height)
         return (h // factor) * (w // factor)
 
     def image_token_count(self, image_inputs: dict[str, Any]) -> int:

@@ -32,7 +32,7 @@ class SmolVLM(ChatFamily):
         "projector": "the connector (pixel-shuffled SigLIP features -> language width)",
         "vision": "the SigLIP vision model",
     }
-    cache = "none yet"
+    cache = "SigLIP + connector output of every tile, when neither trains"
     memory = "SmolVLM-256M: ~3 GiB bf16 LoRA at batch 4 with image splitting (estimate, not measured)"
     lora = "every language-model linear (under text_model): q/k/v/o_proj, gate/up/down_proj"
     image_token = "<image>"

@@ -5,9 +5,11 @@ so over the seed recipe's 11 epochs caching it removes ten of eleven of those pa
 language model receives in place of the image placeholders, (N, tokens, d_lm) in the model's dtype, or, when a
 module after the vision encoder trains (or reads the text), the vision encoder's output alone, and the modules
 after it run on it each step: as far along the image path as the family's `cache_level` says nothing changes.
-Images may give features of any length (a dynamic-resolution vision encoder): they are then stored as rows one
-token each, image after image, with per-image offsets (`Ragged`), through the same tiers and exchange.
-Several processes fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
+An example may give features of any length (a dynamic-resolution vision encoder, tiles, several images): they
+are then stored as rows one token each, example after example, with per-example offsets (`Ragged`), through
+the same tiers and exchange. Where the tokens an image gives follow its size, the text is laid out without it
+from a stand-in of the same size: each example's image sizes are kept with its features. Several processes
+fill it together; `--feature-cache-dir` keeps it for later runs on the same model and data.
 
 Where it lives follows its size (`_tier`). Beyond what host memory should hold, or off the accelerator when
 several processes share a machine, it is one memory-mapped file per machine that every process of the machine
@@ -32,9 +34,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..atomic import remove_abandoned, temporary, write_file
+from ..atomic import remove_abandoned, temporary, write_file, write_text
 from ..data.examples import Dialogue
-from ..families import Family
+from ..families import Family, to_model
 
 # Keep the cache on the accelerator when it is this small; beyond, in host memory, fetched per batch; beyond
 # HOST_LIMIT, in a memory-mapped file, so a million-image dataset does not need 100+ GB of RAM.
@@ -97,6 +99,19 @@ def _offsets_file(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".npy") + ".offsets.npy")
 
 
+def _sizes_file(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".npy") + ".sizes.json")
+
+
+def _collate_with_sizes(collate: Any) -> Any:
+    """`collate`, and the (width, height) of each example's images, which the text's layout may need later."""
+
+    def run(examples: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list[tuple[int, int]]]]:
+        return collate(examples), [[image.size for image in x["images"]] for x in examples]
+
+    return run
+
+
 def wants_cache(cfg: Any, family: Family, model: Any) -> tuple[str | None, str]:
     """(what to cache, why) for a training config: as far along the image path as nothing trains (the
     family's `cache_level`: "projection", "vision"), or None."""
@@ -117,13 +132,14 @@ def kept_features(
     accelerator: Any,
     keep_dir: Path | None,
     upto: str = "projection",
+    sizes: list | None = None,
     **build: Any,
-) -> tuple[torch.Tensor | DiskFeatures, str]:
+) -> tuple[torch.Tensor | DiskFeatures | Ragged, str]:
     """`build_feature_cache`, read from `keep_dir` when an earlier run on the same model and data left the
     features there (and leaves them there for the next one otherwise). Returns (features, what happened, or
-    "" without a `keep_dir`)."""
+    "" without a `keep_dir`); `sizes` gets each example's image sizes."""
     key = store_key(model, family, collate, examples, dtype, accelerator, upto) if keep_dir else None
-    build |= dict(dtype=dtype, accelerator=accelerator, upto=upto)
+    build |= dict(dtype=dtype, accelerator=accelerator, upto=upto, sizes=sizes)
     if key is None:
         why = "" if keep_dir is None else "not kept: the data has no `datasets` fingerprint to name them by"
         return build_feature_cache(model, family, collate, examples, **build), why
@@ -136,6 +152,8 @@ def kept_features(
         flag = torch.tensor([int(found)], device=accelerator.device)
         found = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
     if found:
+        if sizes is not None:
+            sizes.extend([tuple(size) for size in row] for row in json.loads(_sizes_file(path).read_text()))
         return _load(path, dtype, accelerator), f"read from {path}"
     return build_feature_cache(model, family, collate, examples, keep_as=path, **build), f"kept in {path}"
 
@@ -162,8 +180,7 @@ def store_key(
     was_training = model.training
     model.eval()
     with accelerator.autocast():
-        pixels = batch["pixel_values"].to(accelerator.device, dtype)
-        rows = family.image_features(model, pixels, upto)
+        rows = family.image_features(model, to_model(batch, accelerator.device, dtype), upto)
         rows = (torch.cat(list(rows)) if isinstance(rows, (list, tuple)) else rows).to(dtype)
     model.train(was_training)
     digest = hashlib.sha256(rows.float().cpu().numpy().tobytes())
@@ -178,6 +195,8 @@ def store_key(
 
 def _readable(path: Path, n: int) -> bool:
     try:
+        if len(json.loads(_sizes_file(path).read_text())) != n:
+            return False
         rows = np.load(path, mmap_mode="r").shape[0]
         if not _offsets_file(path).exists():
             return rows == n
@@ -246,9 +265,11 @@ def build_feature_cache(
     spill_name: str = "feature_cache",
     upto: str = "projection",
     keep_as: Path | None = None,
-) -> torch.Tensor | DiskFeatures:
+    sizes: list | None = None,
+) -> torch.Tensor | DiskFeatures | Ragged:
     """Features for every example, in order: (N, tokens, d_lm), or with `upto="vision"` the
-    vision encoder's output (N, 1 + patches, d_vision). With `keep_as`, also written there for later runs.
+    vision encoder's output (N, 1 + patches, d_vision), or `Ragged` where they vary in length. With
+    `keep_as`, also written there for later runs; `sizes` gets each example's image sizes, (w, h) each.
 
     Runs the frozen modules in eval mode (no dropout), as training does, so cached and fresh features agree.
     With several processes each computes an equal, contiguous share, so the pass takes 1/world of the time,
@@ -262,7 +283,7 @@ def build_feature_cache(
     loader = DataLoader(
         Subset(examples, share or range(min(1, n))),
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=_collate_with_sizes(collate),
         num_workers=num_workers,
     )
     where = dict(
@@ -271,15 +292,18 @@ def build_feature_cache(
     was_training = model.training
     model.eval()
     store: _Store | None = None
-    ragged: list[torch.Tensor] | None = None  # this share's per-image features, when their lengths vary
+    ragged: list[torch.Tensor] | None = None  # this share's per-example features, when their lengths vary
+    shown: list[list[tuple[int, int]]] = []  # this share's image sizes
     done = share.start
     desc = "caching image features" + (f" ({len(share)} of {n} in this process)" if world > 1 else "")
     try:
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process):
-            pixels = batch["pixel_values"].to(accelerator.device, dtype)
+        for batch, held in tqdm(
+            loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process
+        ):
             with accelerator.autocast():
-                rows = family.image_features(model, pixels, upto)
-            if isinstance(rows, (list, tuple)):  # one tensor per image, each of its own length
+                rows = family.image_features(model, to_model(batch, accelerator.device, dtype), upto)
+            shown += held if share else []
+            if isinstance(rows, (list, tuple)):  # one tensor per example, each of its own length
                 ragged = (ragged or []) + ([r.to(dtype).cpu() for r in rows] if share else [])
                 rest = rows[0].shape[1:]
                 continue
@@ -296,9 +320,16 @@ def build_feature_cache(
             raise ValueError("no examples to cache image features for")
         if world > 1:
             store.exchange(bounds, accelerator)
+            from accelerate.utils import gather_object
+
+            shown = [row for part in gather_object([shown]) for row in part]  # in rank order
+        if sizes is not None:
+            sizes.extend(shown)
         if keep_as is not None:
-            if offsets is not None and accelerator.is_main_process:  # before the rows: they mark it complete
-                write_file(_offsets_file(keep_as), lambda f: np.save(f, offsets.numpy()))
+            if accelerator.is_main_process:  # before the rows: they mark it complete
+                write_text(_sizes_file(keep_as), json.dumps(shown))
+                if offsets is not None:
+                    write_file(_offsets_file(keep_as), lambda f: np.save(f, offsets.numpy()))
             store.keep(keep_as, accelerator)
     except BaseException:
         if store is not None:

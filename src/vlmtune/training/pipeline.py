@@ -90,8 +90,9 @@ def batches(
     upto, why = wants_cache(cfg, family, model)
     accelerator.print(f"image feature cache: {'on' if upto else 'off'} ({why})")
 
-    def cached(split: Any, name: str, spill_name: str) -> Any:
-        """The image features of a split's rows, computed, or read where --feature-cache-dir kept them."""
+    def cached(split: Any, name: str, spill_name: str, sizes: list) -> Any:
+        """The image features of a split's rows, computed, or read where --feature-cache-dir kept them;
+        `sizes` gets each row's image sizes."""
         rows = examples_of(split, per_image=True)
         found, kept = kept_features(
             model,
@@ -106,18 +107,21 @@ def batches(
             num_workers=cfg.num_workers,
             spill_dir=run,
             spill_name=spill_name,
+            sizes=sizes,
         )
         if kept:
             accelerator.print(f"{name} image features: {kept}")
         return found
 
+    sizes: list = []  # each row's image sizes, where its text's layout needs them
+    val_sizes: list = []
     if upto:
         clock = time.perf_counter()
-        features = cached(train_set, "training", "feature_cache")
+        features = cached(train_set, "training", "feature_cache", sizes)
         if val_set is not None:  # validation then costs a language-model forward per example, no more
-            val_features = cached(val_set, "validation", "feature_cache.val")
+            val_features = cached(val_set, "validation", "feature_cache.val", val_sizes)
         cache_s = time.perf_counter() - clock
-        train_items = examples.without_images()
+        train_items = examples.without_images(sizes)
         train_collate = Collator(family, processor, cfg.max_length, cached=True, train_history=train_history)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches: a map-style
     # split's sampler, or (None) a stream that shuffles and positions itself.
@@ -148,7 +152,7 @@ def batches(
         share = range(accelerator.process_index, len(val_examples), accelerator.num_processes)
         cached_val = val_features is not None
         val_loader = DataLoader(
-            Subset(val_examples.without_images() if cached_val else val_examples, share),
+            Subset(val_examples.without_images(val_sizes) if cached_val else val_examples, share),
             batch_size=cfg.batch_size,
             collate_fn=train_collate if cached_val else collate,
             num_workers=cfg.num_workers,
