@@ -132,6 +132,50 @@ def test_encode_trains_exactly_the_target_and_the_end_token(kind, checkpoints):
     assert (gen["attention_mask"][:, -1] == 1).all() or not one_sequence
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_frozen_image_side_keeps_no_graph(kind, checkpoints, tmp_path):
+    """With gradient checkpointing (where peft makes every input embedding's output require grad, a vision
+    tower's patch embedding's too), the frozen modules of the image path run without autograd: no output of
+    theirs needs a gradient, so none keeps a graph; LoRA still gets its gradients. (BLIP's text decoder takes
+    no checkpointing: it runs without.)"""
+    from accelerate import Accelerator
+
+    from vlmtune.config import TrainConfig
+    from vlmtune.training.run import _load_model
+
+    family = loaded(checkpoints[kind])[0]
+    frozen = family.frozen_modules([])
+    lm = family.language_model(AutoModelForImageTextToText.from_pretrained(checkpoints[kind]))
+    checkpointing = lm.supports_gradient_checkpointing  # BLIP's text decoder does not
+    cfg = TrainConfig(
+        model=checkpoints[kind], output=str(tmp_path / "run"), gradient_checkpointing=checkpointing
+    )
+    model, processor, family = _load_model(cfg, Accelerator(cpu=True))
+    needs_grad = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in frozen:
+            module.register_forward_hook(
+                lambda m, i, out, name=name: needs_grad.extend(name for t in _tensors(out) if t.requires_grad)
+            )
+    model.train()
+    image, caption = colour_examples(1)[0]
+    batch = family.encode(
+        processor, [image], [family.caption_prompt], [caption], max_length=48, padding_side="right"
+    )
+    model(**batch).loss.backward()
+    assert frozen and needs_grad == []
+    lora_b = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(g is not None for g in lora_b) and any(g.abs().sum() > 0 for g in lora_b)
+
+
+def _tensors(out) -> list:
+    """The tensors of a module's output (a tensor, a tuple, a ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_lowers_the_loss_and_the_image_conditions_the_output(kind, runs, checkpoints):

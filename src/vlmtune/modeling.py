@@ -147,7 +147,12 @@ def add_lora(model: Any, family: Family, cfg: Any) -> Any:
     # autocast_adapter_dtype (peft's default) keeps LoRA weights in fp32 over an fp16/bf16 base: fp32 master
     # weights for the only parameters that train.
     with _peft_quietly():
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    # Under gradient checkpointing peft makes the output of every input embedding require grad, the vision
+    # tower's patch embedding's included: a frozen tower would then keep its whole graph and run backward for
+    # nothing. Non-reentrant checkpointing needs no such hook (the language model's own stays).
+    model.disable_input_require_grads()
+    return peft_model
 
 
 @contextlib.contextmanager
