@@ -181,6 +181,39 @@ def test_max_pixels_is_honoured_saved_and_reported(qwen, tmp_path, capsys):
         train(TrainConfig(model="tiny", data=str(folder), max_pixels=1024))
 
 
+def test_images_keep_at_most_the_default_pixels_unless_told(qwen, tmp_path, monkeypatch, capsys):
+    """Without --max-pixels, a dynamic-resolution family's images keep at most `default_max_pixels` in
+    training and in what `data check` counts (a photo at Qwen's own limit gives up to 16384 tokens); the tiny
+    processor allows 64 x 64 pixels, so the default is lowered here to 32 x 32 to show it."""
+    from vlmtune.families.qwen_vl import QwenVL
+
+    path, family, _ = qwen
+    monkeypatch.setattr(QwenVL, "default_max_pixels", 32 * 32)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (128, 128), (200, 30, 30)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": "a ball"}) + "\n" for i in range(2))
+    )
+
+    def tokens(**pixels) -> str:
+        return check(DataCheckConfig(data=str(folder), model=path, max_length=64, **pixels))["splits"][
+            "train"
+        ]["image_tokens"]
+
+    assert tokens() == "min 4, median 4, max 4"  # 32 x 32 pixels: 2 x 2 merged patches
+    assert tokens(max_pixels=64 * 64) == "min 16, median 16, max 16"  # asked for: the processor's own limit
+    assert tokens(min_pixels=48 * 48) == "min 9, median 9, max 9"  # the fewest asked for is over the default
+    run = train(TrainConfig(model=path, data=str(folder), output=str(tmp_path / "run"), max_steps=1,
+                            batch_size=2, sample_every=0, num_samples=0))  # fmt: skip
+    assert (
+        "images resized to at most 1024 pixels (--max-pixels; the checkpoint's processor allows 4096)"
+        in capsys.readouterr().out
+    )
+    assert AutoProcessor.from_pretrained(run).image_processor.size["longest_edge"] == 32 * 32
+
+
 def test_the_gpu_checks_real_size_builders_make_checkpoints_vlmtune_loads(tmp_path):
     """scripts/gpu_check.py --only qwen / gemma build Qwen2.5-VL-3B's and Gemma-3-4B's shapes; here at small shapes
     with the same code."""

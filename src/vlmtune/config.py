@@ -87,7 +87,8 @@ class TrainConfig:
     max_pixels: int | None = opt(
         None,
         "dynamic-resolution families (Qwen-VL): most pixels an image is resized to, so fewer image tokens and "
-        "less memory (e.g. 401408 = 512 x 784; default: the processor's)",
+        "less memory (e.g. 401408 = 512 x 784; default: 589824 = 768 x 768, or the processor's if lower: a "
+        "photo at Qwen's own limit gives up to 16384 tokens)",
     )
     # LoRA
     lora_r: int = opt(16, "LoRA rank")
@@ -309,7 +310,9 @@ class DataCheckConfig:
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(64, "token budget per caption: longer ones are counted as cut")
     min_pixels: int | None = opt(None, "as train's --min-pixels: image tokens are counted at it")
-    max_pixels: int | None = opt(None, "as train's --max-pixels: image tokens are counted at it")
+    max_pixels: int | None = opt(
+        None, "as train's --max-pixels (and its default): image tokens are counted at it"
+    )
     model: str = opt("tiny", "whose tokenizer counts caption tokens (hub id, directory or 'tiny')")
 
 

@@ -265,8 +265,8 @@ def _resized(family: Any, processor: Any) -> str:
     """How the processor sizes images, as `data check` reports it beside their tokens."""
     if not family.dynamic_resolution:
         return "as the processor tiles them"
-    size = processor.image_processor.size
-    return f"images resized to {size['shortest_edge']}..{size['longest_edge']} pixels: --min-pixels / --max-pixels"
+    fewest, most = family.pixel_limits(processor)
+    return f"images resized to {fewest}..{most} pixels: --min-pixels / --max-pixels"
 
 
 def check(cfg: DataCheckConfig) -> dict[str, Any]:
@@ -281,8 +281,7 @@ def check(cfg: DataCheckConfig) -> dict[str, Any]:
 
     processor = load_processor(resolve_model(cfg.model))
     family = family_for(load_config(cfg.model))
-    if cfg.min_pixels or cfg.max_pixels:
-        family.set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
+    family.limit_pixels(processor, cfg.min_pixels, cfg.max_pixels)  # as training will
     print(f"{cfg.data}: detected {kind}; splits: {', '.join(f'{k} ({len(v)})' for k, v in loaded.items())}")
     summary: dict[str, Any] = {"format": kind, "splits": {}}
     for name in [cfg.split] if cfg.split else list(loaded):

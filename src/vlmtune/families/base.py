@@ -162,10 +162,32 @@ class Family(ABC):
     # --- images -----------------------------------------------------------------------------------------
 
     dynamic_resolution = False  # whether images keep their own size (and give a varying number of tokens)
+    # Most pixels an image keeps in training when --max-pixels is not given (`dynamic_resolution` families):
+    # at a checkpoint's own limit one photo can give thousands of tokens and run the accelerator out of memory.
+    default_max_pixels = 768 * 768
 
     def set_pixels(self, processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
         """Resize images to between `min_pixels` and `max_pixels` (families with `dynamic_resolution`)."""
         raise ValueError(f"{self.name} resizes every image to one size; --min/max-pixels do not apply")
+
+    def pixel_limits(self, processor: Any) -> tuple[int, int]:
+        """(fewest, most) pixels the processor resizes an image to (families with `dynamic_resolution`)."""
+        raise ValueError(f"{self.name} resizes every image to one size")
+
+    def limit_pixels(self, processor: Any, min_pixels: int | None, max_pixels: int | None) -> str | None:
+        """--min/max-pixels on the processor, for training and what counts for it: without --max-pixels, a
+        dynamic-resolution family's images keep at most `default_max_pixels` (unless the processor allows
+        fewer, or --min-pixels asks more). Returns what was decided, for the log."""
+        said = None
+        if self.dynamic_resolution and max_pixels is None:
+            fewest, most = self.pixel_limits(processor)
+            cap = max(self.default_max_pixels, min_pixels or fewest)
+            if most > cap:
+                max_pixels = cap
+                said = f"images resized to at most {cap} pixels (--max-pixels; the checkpoint's processor allows {most})"
+        if min_pixels or max_pixels:
+            self.set_pixels(processor, min_pixels, max_pixels)
+        return said
 
     def image_tokens(self, processor: Any, width: int, height: int) -> int | None:
         """How many tokens an image of this size gives the language model (None: the family does not vary)."""

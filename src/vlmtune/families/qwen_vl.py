@@ -98,6 +98,10 @@ class QwenVL(ChatFamily):
             size["longest_edge"] = max_pixels
         processor.image_processor.size = size
 
+    def pixel_limits(self, processor: Any) -> tuple[int, int]:
+        size = processor.image_processor.size
+        return int(size["shortest_edge"]), int(size["longest_edge"])  # pixel counts, despite the names
+
     def _resized(self, processor: Any, width: int, height: int) -> tuple[int, int]:
         """(height, width) the image processor resizes an image of this size to: multiples of patch x merge,
         within its pixel limits."""
@@ -105,7 +109,7 @@ class QwenVL(ChatFamily):
 
         images = processor.image_processor
         factor = images.patch_size * images.merge_size
-        return smart_resize(height, width, factor, images.size["shortest_edge"], images.size["longest_edge"])
+        return smart_resize(height, width, factor, *self.pixel_limits(processor))
 
     def image_tokens(self, processor: Any, width: int, height: int) -> int:
         images = processor.image_processor

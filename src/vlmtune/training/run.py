@@ -197,8 +197,10 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     model, processor, family = load_base(
         cfg.model, cfg.dtype, cfg.quantize, accelerator.device, lm_dropout=cfg.lm_dropout
     )
-    if cfg.min_pixels or cfg.max_pixels:  # saved with the run's processor, so inference sizes images alike
-        family.set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
+    # saved with the run's processor, so inference sizes images alike
+    said = family.limit_pixels(processor, cfg.min_pixels, cfg.max_pixels)
+    if said:
+        accelerator.print(said)
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
