@@ -115,7 +115,7 @@ def test_requests_for_several_adapters_match_each_alone(demo_run, second_run, te
 
     results = asyncio.run(together())
     for job, r in zip(jobs, results, strict=True):
-        assert r.text == alone[job.adapter.name][images.index(job.image)], job.adapter.name
+        assert r.text == alone[job.adapter.name][images.index(job.images)], job.adapter.name
     assert engine.stats["batches"] == 3 and engine.stats["largest_batch"] == 3
     with pytest.raises(ValueError, match="one adapter"):
         engine.run(jobs[:2])
