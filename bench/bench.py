@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -141,14 +142,33 @@ def build_model(size: str, path: Path, vocab_size: int | None = None) -> None:
     ).save_pretrained(path)
 
 
-def workspace(tmp: str, size: str, images: int) -> tuple[str, str]:
+MORE = ("near the goal", "on a sunny afternoon", "in front of a large crowd", "while the referee watches",
+        "with a white line across the grass", "during the second half of the match")  # fmt: skip
+
+
+def workspace(tmp: str, size: str, images: int, captions: str = "football") -> tuple[str, str]:
     """(model dir, data dir) in `tmp`: the random-weight model of `size` and `images` drawn football images
-    with captions as a `datasets` copy on disk, as every benchmark here reads them."""
+    with captions as a `datasets` copy on disk, as every benchmark here reads them. `captions="mixed"`
+    lengthens them by 0 to 6 clauses at random (a drawn caption is 10-17 words; these 10-55), for what
+    padding costs."""
+    import datasets
+
     from vlmtune.data.synthetic import write_football_dataset
 
     model_dir = Path(tmp) / f"blip2-{size}"
     build_model(size, model_dir)
-    return str(model_dir), str(write_football_dataset(Path(tmp) / "football", {"train": (images, 0)}))
+    data = write_football_dataset(Path(tmp) / "football", {"train": (images, 0)})
+    if captions == "mixed":
+        rng = random.Random(0)
+        split = datasets.load_from_disk(str(data))
+        texts = [
+            t + "".join(" " + rng.choice(MORE) for _ in range(rng.choice([0, 0, 1, 3, 6])))
+            for t in split["train"]["text"]
+        ]
+        split["train"] = split["train"].remove_columns("text").add_column("text", texts)
+        data = Path(tmp) / "football-mixed"
+        split.save_to_disk(str(data))
+    return str(model_dir), str(data)
 
 
 def rows(n: int, seed: int) -> list[dict]:

@@ -151,7 +151,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     import bench
 
     lines = [
-        f"machine: {bench.machine()}; model: {args.size}; {args.warmup} warm-up steps, then {args.steps} timed",
+        f"machine: {bench.machine()}; model: {args.size}; captions: {args.captions}; {args.warmup} warm-up "
+        f"steps, then {args.steps} timed",
         "",
         f"| {'settings':28} | batch | samples/s | step ms | cache s | peak GiB | TFLOP/s |    MFU |",
         f"|{'-' * 30}|-------|-----------|---------|---------|----------|---------|--------|",
@@ -182,6 +183,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=bench.SIZES, default="proxy")
+    ap.add_argument(
+        "--captions", choices=["football", "mixed"], default="football", help="mixed: captions of 10-55 words"
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 32])
     ap.add_argument("--warmup", type=int, default=10, help="optimizer steps before the timing starts")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps timed")
@@ -207,7 +211,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         # images enough for the largest batch; epochs repeat them
-        args.model_dir, args.data_dir = bench.workspace(tmp, args.size, max(16, *args.batch_sizes))
+        args.model_dir, args.data_dir = bench.workspace(
+            tmp, args.size, max(16, *args.batch_sizes), args.captions
+        )
         rows = [measure(args, b, v) for v in args.variants for b in args.batch_sizes]
         fitted = [r["batch"] for r in rows if not r.get("oom") and r["variant"] == args.variants[0]]
         profiled = None

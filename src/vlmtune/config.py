@@ -76,6 +76,15 @@ class TrainConfig:
     group_by_length: bool = opt(
         False, "batch captions of similar length together (less padding; the epoch order stays random)"
     )
+    packing: bool = opt(
+        False,
+        "lay each batch's examples end to end in a few rows, each attending to itself alone (padding-free; "
+        "the same loss and gradients): less work where captions differ in length",
+    )
+    pack_length: int = opt(
+        0, "with --packing: the most positions a row holds (0: the batch's longest example, so no row costs "
+        "more than an example of the padded batch)"
+    )
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(
         64, "most text tokens per example (prompt + caption + end); longer captions are cut"

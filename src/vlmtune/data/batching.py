@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .packing import pack
+
 
 @dataclass
 class Collator:
@@ -19,6 +21,7 @@ class Collator:
     max_length: int
     cached: bool = False  # images come from a feature cache: send their indices, not pixels
     train_history: bool = True  # a dialogue's earlier replies train too (not with --train-on-last-turn-only)
+    pack: int | None = None  # pack the examples into rows of this many positions (0: the longest example's)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts, targets = [e["prompt"] for e in examples], [e["target"] for e in examples]
@@ -34,9 +37,13 @@ class Collator:
             sizes = None if any(s is None for s in sizes) else sizes
             batch = self.family.encode_text(self.processor, prompts, targets, image_sizes=sizes, **text)
             batch["image_index"] = torch.tensor([e["index"] for e in examples])
+        else:
+            images = [e["images"] for e in examples]
+            batch = self.family.encode(self.processor, images, prompts, targets, **text)
+        if self.pack is None:
             return batch
-        images = [e["images"] for e in examples]
-        return self.family.encode(self.processor, images, prompts, targets, **text)
+        pad = self.processor.tokenizer.pad_token_id
+        return pack(batch, self.pack, pad, self.family.packable or ())
 
 
 class EpochSampler(torch.utils.data.Sampler):

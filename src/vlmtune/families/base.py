@@ -399,6 +399,10 @@ class Family(ABC):
         `model`, with gradients (reading `batch` where they need its text). May pop keys from `batch`."""
         raise NotImplementedError(f"{self.name} has no image-feature cache")
 
+    #: the per-example inputs of a family whose examples can be packed into rows (`--packing`: a decoder-only
+    #: language model that takes positions and a 4D attention mask, images filled in reading order); None: not
+    packable: tuple[str, ...] | None = None
+
     def loss_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` as the training forward should take it; a family may trim work the loss never reads."""
         return batch

@@ -212,6 +212,10 @@ class Blip2(Family):
         start = max(first - 1, 0)  # the logit there predicts the token at `first`
         return {**batch, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}
 
+    @property
+    def packable(self) -> tuple[str, ...] | None:  # OPT takes position_ids and a 4D mask through the forward
+        return None if self.encoder_decoder else ("pixel_values", "image_index")
+
     # --- the image-feature cache -----------------------------------------------------------------------
 
     def image_features(self, model: Any, batch: dict[str, Any], upto: str = "projection") -> torch.Tensor:

@@ -139,6 +139,7 @@ class Session:
     def micro_step(self, batch: dict[str, Any], data: Batches, state: LoopState) -> bool:
         """Forward and backward, and at the end of an accumulation the optimizer step. Whether it was finite."""
         accelerator, family = self.accelerator, self.family
+        examples = batch.pop("packed_examples", None) or batch["input_ids"].shape[0]  # rows, unless packed
         with accelerator.accumulate(self.model):
             if data.features is not None:
                 # Under autocast, as in the model's own forward: a trainable Q-Former may run here.
@@ -160,7 +161,7 @@ class Session:
                 self.optimizer.step()
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
+        state.samples += examples * accelerator.num_processes
         if torch.isfinite(loss):
             state.window.append(loss.detach().float().item())
         return finite

@@ -3,6 +3,7 @@ epoch order, the loaders (map-style or a stream), the validation split and the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ def batches(
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images(sizes)
         train_collate = Collator(family, processor, cfg.max_length, cached=True, train_history=train_history)
+    if cfg.packing:  # the training batches only: validation and the cache pass read examples as they are
+        train_collate = dataclasses.replace(train_collate, pack=cfg.pack_length)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches: a map-style
     # split's sampler, or (None) a stream that shuffles and positions itself.
     sampler = examples.epoch_order(

@@ -91,6 +91,9 @@ def validate_train(cfg: TrainConfig) -> None:
                 p.append(f"--group-lr {group}: that group does not train; add it to --train-modules")
             if rate <= 0:
                 p.append(f"--group-lr {group}: the learning rate must be positive (got {rate})")
+        if cfg.packing and family.packable is None:
+            p.append(f"--packing: {family.name} cannot pack examples into rows (it needs a decoder-only language "
+                     "model that takes positions and an attention mask per example); train without it")  # fmt: skip
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
@@ -98,6 +101,8 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--train-modules {', '.join(unknown)}: {family.name} has no such module group; its groups: "
                 f"{offered}"
             )
+    if cfg.pack_length < 0:
+        p.append(f"--pack-length must be 0 (the longest example) or more (got {cfg.pack_length})")
     for name in ("min_pixels", "max_pixels"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -191,6 +196,12 @@ def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None
                 f"names, e.g. 'language_model.model.decoder.layers.0.self_attn.q_proj').{hint} "
                 f"Its linear layers: {', '.join(leaves)}"
             )
+    attention = getattr(model.config.get_text_config(), "_attn_implementation", None)
+    if cfg.packing and attention not in ("sdpa", "eager", None):
+        p.append(
+            f"--packing keeps packed examples apart with a 4D attention mask, which {attention} attention does "
+            "not take: load the model with sdpa or eager attention, or train without --packing"
+        )
     # Each checkpoint holds the trainable weights and AdamW's two moments, fp32: 12 bytes per parameter.
     need = 12 * trainable * (cfg.keep + 1) + 4 * trainable
     out = Path(cfg.output)
