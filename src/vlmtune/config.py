@@ -82,8 +82,9 @@ class TrainConfig:
         "the same loss and gradients): less work where captions differ in length",
     )
     pack_length: int = opt(
-        0, "with --packing: the most positions a row holds (0: the batch's longest example, so no row costs "
-        "more than an example of the padded batch)"
+        0,
+        "with --packing: the most positions a row holds (0: the batch's longest example, so no row costs "
+        "more than an example of the padded batch)",
     )
     image_root: str | None = opt(None, "folder the COCO annotations' file names are relative to")
     max_length: int = opt(
