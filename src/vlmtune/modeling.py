@@ -227,6 +227,16 @@ def load_with_adapters(
     return model, load_processor(str(Path(next(iter(runs.values()))).resolve())), family
 
 
+def describe_for_inference(run: str | None, model: str | None) -> tuple[str, Any, Family, dict[str, Any]]:
+    """(base model, processor, family, run config) from a run directory or a base model alone, no weights
+    loaded: for an engine that loads them itself. The processor is the run's, as training saved it."""
+    if (run is None) == (model is None):
+        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL")
+    base, infos = base_of_runs({"run": run} if run is not None else {}, model)
+    family = family_for(load_config(base))
+    return base, load_processor(str(Path(run).resolve()) if run else base), family, infos.get("run", {})
+
+
 def load_for_inference(
     run: str | None, model: str | None, dtype: str = "auto", device: torch.device | None = None
 ) -> tuple[Any, Any, Family, dict[str, Any]]:

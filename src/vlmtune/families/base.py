@@ -409,6 +409,18 @@ class Family(ABC):
 
     # --- generation -------------------------------------------------------------------------------------
 
+    def vllm_prompt_ids(
+        self,
+        processor: Any,
+        prompts: Sequence[str],
+        history: History = None,
+        turn_images: TurnImages = None,
+        max_length: int = 512,
+    ) -> list[list[int]]:
+        """Each prompt's ids as vLLM's processor for the family takes them, the image tokens left for it to
+        insert (`--engine vllm`): the ids `generation_inputs` lays out, token for token."""
+        raise NotImplementedError(f"--engine vllm: {self.name} is not fed to vLLM yet (BLIP-2 with OPT is)")
+
     encoder_decoder = False  # whether the language model is an encoder-decoder (T5): what `generate` returns
 
     @torch.no_grad()

@@ -212,6 +212,26 @@ class Blip2(Family):
         start = max(first - 1, 0)  # the logit there predicts the token at `first`
         return {**batch, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}
 
+    def vllm_prompt_ids(
+        self,
+        processor: Any,
+        prompts: Sequence[str],
+        history: Any = None,
+        turn_images: Any = None,
+        max_length: int = 512,
+    ) -> list[list[int]]:
+        if self.encoder_decoder:  # vLLM's BLIP-2 runs a decoder-only language model
+            return super().vllm_prompt_ids(processor, prompts, history, turn_images, max_length)
+        batch = self.encode_text(
+            processor, prompts, None, max_length=max_length, padding_side="right", history=history,
+            turn_images=turn_images,
+        )  # fmt: skip
+        # vLLM's BLIP-2 processor inserts the query placeholders at the start, as transformers' does
+        return [
+            [t for t, kept in zip(ids, mask, strict=True) if kept and t != self.image_token_id]
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True)
+        ]
+
     @property
     def packable(self) -> tuple[str, ...] | None:  # OPT takes position_ids and a 4D mask through the forward
         return None if self.encoder_decoder else ("pixel_values", "image_index")

@@ -24,7 +24,7 @@ def build(cfg: ServeConfig):  # -> FastAPI
     from .engine import Engine, parse_runs
 
     validate_serve(cfg)
-    engine = Engine.load(parse_runs(cfg.run), cfg.model, cfg.dtype)
+    engine = Engine.load(parse_runs(cfg.run), cfg.model, cfg.dtype, cfg.engine)
     return create_app(engine, cfg, cfg.api_key or os.environ.get(KEY_VARIABLE) or None)
 
 

@@ -22,9 +22,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..families import Family
+from ..families import Family, family_for
 from ..infer import trained_prompt
-from ..modeling import TINY, TINY_PATH, base_of_runs, default_device, load_with_adapters, pick_dtype
+from ..modeling import (
+    TINY,
+    TINY_PATH,
+    base_of_runs,
+    default_device,
+    load_config,
+    load_processor,
+    load_with_adapters,
+    pick_dtype,
+)
 
 BASE = "__base__"  # the bare base model, no adapter
 
@@ -103,8 +112,12 @@ class Engine:
         adapters: list[Adapter],
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        vllm: Any = None,
     ):
         self.model, self.processor, self.family = model, processor, family
+        self.vllm = (
+            vllm  # a `VllmGenerator` holding the adapters under their `peft_name`s, in place of `model`
+        )
         self.adapters = {a.name: a for a in adapters}
         # A request that names no model gets the first run's adapter (the base when serving no run).
         self.default = next((a for a in adapters if a.peft_name != BASE), adapters[0])
@@ -112,8 +125,11 @@ class Engine:
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
 
     @classmethod
-    def load(cls, runs: dict[str, str], model: str | None, dtype: str = "auto") -> Engine:
-        """The base (from `model`, or the runs' recorded base) with every run's adapter loaded into it."""
+    def load(
+        cls, runs: dict[str, str], model: str | None, dtype: str = "auto", engine: str = "transformers"
+    ) -> Engine:
+        """The base (from `model`, or the runs' recorded base) with every run's adapter loaded into it; on
+        vLLM with `engine="vllm"`."""
         device = default_device()
         # peft adapter names become module keys (no dots allowed), so clients' names map to a0, a1, ...
         keys = {f"a{i}": name for i, name in enumerate(runs)}
@@ -122,12 +138,21 @@ class Engine:
         base_name = model or (TINY if Path(base_path) == TINY_PATH.resolve() else base_path)
         if base_name in runs:
             raise ValueError(f"--run name {base_name!r} is the base model's name; pick another")
-        base, processor, family = load_with_adapters(base_path, by_key, dtype, device)
+        generator = None
+        if engine == "vllm":
+            from ..vllm_engine import VllmGenerator
+
+            first = next(iter(by_key.values()), None)
+            processor = load_processor(str(Path(first).resolve()) if first else base_path)
+            family = family_for(load_config(base_path))
+            base, generator = None, VllmGenerator(base_path, family, processor, by_key, dtype)
+        else:
+            base, processor, family = load_with_adapters(base_path, by_key, dtype, device)
         adapters = [Adapter(base_name, BASE, family.caption_prompt, base_path)] + [
             Adapter(name, key, trained_prompt(infos[key], family), str(by_key[key]))
             for key, name in keys.items()
         ]
-        return cls(base, processor, family, adapters, device=device, dtype=pick_dtype(dtype, device))
+        return cls(base, processor, family, adapters, device, pick_dtype(dtype, device), generator)
 
     def adapter(self, name: str | None) -> Adapter:
         if not name:
@@ -151,6 +176,9 @@ class Engine:
         if len({(j.adapter, j.sampling) for j in jobs}) != 1:
             raise ValueError("one batch takes one adapter and one sampling setting")
         fam, proc = self.family, self.processor
+        if self.vllm is not None:
+            prompt_tokens, new = self._on_vllm(jobs)
+            return self._results(jobs, prompt_tokens, new)
         batch = fam.generation_inputs(
             proc,
             [j.images for j in jobs],
@@ -176,6 +204,32 @@ class Engine:
                 new.update(
                     zip(rows, fam.generate_tokens(self.model, proc, sub, **kwargs).tolist(), strict=True)
                 )
+        return self._results(jobs, prompt_tokens, new)
+
+    def _on_vllm(self, jobs: Sequence[Job]) -> tuple[list[int], dict[int, list[int]]]:
+        """(prompt tokens, new tokens by row) of a batch on vLLM; a streaming job gets its text in one piece."""
+        adapter = jobs[0].adapter
+        rows = self.vllm.run(
+            [j.images for j in jobs],
+            [j.prompt for j in jobs],
+            history=[j.history for j in jobs],
+            turn_images=[j.turn_images for j in jobs],
+            adapter=None if adapter.peft_name == BASE else adapter.peft_name,
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            **jobs[0].sampling.generate_kwargs(),
+        )
+        for job, (_, ids) in zip(jobs, rows, strict=True):
+            if job.on_text:
+                text = self.family.decode(self.processor, ids[: job.max_tokens])
+                if text:
+                    job.on_text(text)
+        return [n for n, _ in rows], dict(enumerate(ids for _, ids in rows))
+
+    def _results(
+        self, jobs: Sequence[Job], prompt_tokens: list[int], new: dict[int, list[int]]
+    ) -> list[Result]:
+        """Each job's text, cut at its own max_tokens, and why it stopped."""
+        fam, proc = self.family, self.processor
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
