@@ -206,3 +206,20 @@ def test_lm_dropout_replaces_the_language_models_own(tiny_path):
     assert losses[0.3][0] != losses[0.3][1]
     with pytest.raises(ConfigError, match=r"--lm-dropout must be in \[0, 1\)"):
         train(TrainConfig(model=tiny_path, data="unused", lm_dropout=1.5))
+
+
+def test_lora_dtype_base_keeps_the_adapter_in_the_bases_dtype(football, tmp_path):
+    """Over a bf16 base the adapter trains in fp32 by default (peft casts each wrapped layer's input up to meet
+    it); --lora-dtype base keeps it in bf16, no casts. Both train: the first step is the same (LoRA's B starts
+    at zero), and every B moves."""
+    runs = {
+        d: train(short(football, tmp_path / d, dtype="bfloat16", lora_dtype=d)) for d in ("float32", "base")
+    }
+    assert {d: {w.dtype for w in adapter(r).values()} for d, r in runs.items()} == {
+        "float32": {torch.float32},
+        "base": {torch.bfloat16},
+    }
+    first = {d: read_jsonl(r / "metrics.jsonl")[0]["loss"] for d, r in runs.items()}
+    assert first["base"] == first["float32"]
+    for run in runs.values():
+        assert all(v.abs().sum() > 0 for k, v in adapter(run).items() if "lora_B" in k)

@@ -109,6 +109,11 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lora_dtype: Literal["float32", "base"] = opt(
+        "float32",
+        "LoRA weights over a bf16 base: float32 (fp32 master weights; each wrapped layer's input is cast up to "
+        "meet them) or base (the base's dtype: no casts, half the adapter's memory, bf16 updates)",
+    )
     lm_dropout: float | None = opt(
         None, "the language model's own dropout (OPT's 0.1; most chat models' 0); default: the checkpoint's"
     )

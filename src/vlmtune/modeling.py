@@ -145,9 +145,11 @@ def add_lora(model: Any, family: Family, cfg: Any) -> Any:
         bias="none",
     )
     # autocast_adapter_dtype (peft's default) keeps LoRA weights in fp32 over an fp16/bf16 base: fp32 master
-    # weights for the only parameters that train.
+    # weights for the only parameters that train, for a cast of every wrapped layer's input to fp32 and back
+    # (--lora-dtype base keeps them in the base's dtype instead).
     with _peft_quietly():
-        peft_model = get_peft_model(model, config)
+        autocast = getattr(cfg, "lora_dtype", "float32") == "float32"
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
     # Under gradient checkpointing peft makes the output of every input embedding require grad, the vision
     # tower's patch embedding's included: a frozen tower would then keep its whole graph and run backward for
     # nothing. Non-reentrant checkpointing needs no such hook (the language model's own stays).

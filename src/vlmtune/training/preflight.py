@@ -101,6 +101,9 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--train-modules {', '.join(unknown)}: {family.name} has no such module group; its groups: "
                 f"{offered}"
             )
+    if cfg.lora_dtype == "base" and cfg.dtype == "float16":
+        p.append("--lora-dtype base with --dtype float16: fp16 weights cannot train under a gradient scaler; use "
+                 "--dtype bfloat16, or --lora-dtype float32")  # fmt: skip
     if cfg.pack_length < 0:
         p.append(f"--pack-length must be 0 (the longest example) or more (got {cfg.pack_length})")
     for name in ("min_pixels", "max_pixels"):

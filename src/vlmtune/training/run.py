@@ -84,7 +84,12 @@ def train(cfg: TrainConfig) -> Path:
         data.per_epoch = len(data.loader)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(data.per_epoch / cfg.grad_accum)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA only: a few % of the tensors
-    optimizer = torch.optim.AdamW(param_groups(model, family, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # On a GPU, one fused kernel updates every tensor at once, where the default loops over the adapter's many
+    # small tensors; on the CPU the fused update measured slower (bench/RESULTS.md).
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        param_groups(model, family, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+    )
     # Accelerate advances a prepared schedule once per process at every optimizer step (it expects one sized
     # for a single process seeing all the batches), so it is sized that way.
     n = accelerator.num_processes
