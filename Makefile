@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # on local disk (a CUDA build, which runs on the CPU as well); elsewhere pip fetches them from PyPI.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve chromium clean vllm-env
+.PHONY: demo test test-fast lint format tiny-base bench bench-cache bench-serve bench-engines chromium clean vllm-env
 
 $(BIN)/vlmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ $(VLLM_VENV)/ready: pyproject.toml
 	touch $@
 
 vllm-env: $(VLLM_VENV)/ready
+
+# Captioning on transformers and on vLLM side by side, in the vLLM environment (CPU proxy).
+bench-engines: vllm-env
+	$(VLLM_VENV)/bin/python bench/bench_engines.py
 
 # vlmtune against the seed recipe on a CPU proxy of BLIP-2 (a minute or two on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune

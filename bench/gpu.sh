@@ -6,7 +6,8 @@
 # Needs CUDA, bitsandbytes (pip install -e '.[quant]'). The seeds' loops are timed on one epoch and 16 captions:
 # their samples/s does not change with either (no cache, one image at a time), and at their speed 11 epochs
 # would take most of the budget. Estimated from the last H200 run (154 samples/s at batch 64): ~4 minutes for
-# the first part, ~4 for the second; not yet run in this form.
+# the first part, ~4 for the second; not yet run in this form. With VARIANTS=1, a third part (~3 minutes more)
+# compares the step with --packing and --lora-dtype base on captions of mixed length, side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/gpu_results.json}"
@@ -14,3 +15,8 @@ python bench/bench.py --size real --images 128 --epochs 11 --vlmtune-batch-size 
   --caption-images 64 --caption-batch-size 64 --seed-caption-images 16 --json "$out"
 python bench/bench_steady.py --size real --batch-sizes 64 256 --warmup 10 --steps 100 --profile-steps 5 \
   --json "${out%.json}_steady.json"
+if [ "${VARIANTS:-0}" = 1 ]; then
+  python bench/bench_steady.py --size real --captions mixed --batch-sizes 64 --warmup 10 --steps 50 \
+    --profile-steps 0 --variants "max_length=128" "max_length=128,packing=true" \
+    'max_length=128,packing=true,lora_dtype="base"' --json "${out%.json}_variants.json"
+fi
