@@ -180,6 +180,13 @@ def _evaluate_conversations(
             ds, cfg.messages_column, cfg.images_column, captioner.prompting(), per_turn=True
         )
         items = [examples[k] for k in range(len(examples))]
+        most = captioner.family.max_images
+        over = sorted({x["index"] for x in items if most is not None and len(x["images"]) > most})
+        if over:
+            raise DataError(
+                f"row(s) {', '.join(map(str, over))}: more images than {captioner.family.name} reads ({most} per "
+                "conversation)"
+            )
         print(f"replying to {len(items)} turns of split {split!r} with {label} ...", flush=True)
         got: list[str] = []
         for start in range(0, len(items), cfg.batch_size):

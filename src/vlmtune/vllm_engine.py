@@ -75,25 +75,9 @@ class VllmGenerator:
             name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(runs.items())
         }
 
-    def generate(
-        self,
-        images: Images,
-        prompts: Sequence[str],
-        *,
-        history: Sequence[Sequence[tuple[str, str]]] | None = None,
-        turn_images: Sequence[Sequence[int]] | None = None,
-        adapter: str | None = None,
-        max_new_tokens: int = 40,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-    ) -> list[list[int]]:
-        """The new tokens for each (image, prompt), through the run `adapter` (None: the bare base), as
-        `Family.generate_tokens` would give them (greedy unless `do_sample`)."""
-        return [ids for _, ids in self.run(images, prompts, history=history, turn_images=turn_images,
-                                           adapter=adapter, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                           do_sample=do_sample, temperature=temperature, top_p=top_p)]  # fmt: skip
+    def generate(self, images: Images, prompts: Sequence[str], **options: Any) -> list[list[int]]:
+        """The new tokens for each (image, prompt) (`run`'s options), as `Family.generate_tokens` gives them."""
+        return [ids for _, ids in self.run(images, prompts, **options)]
 
     def run(
         self,
@@ -109,7 +93,8 @@ class VllmGenerator:
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> list[tuple[int, list[int]]]:
-        """`generate`, with each prompt's length in tokens (the image's included) before its new tokens."""
+        """The new tokens for each (image, prompt), through the run `adapter` (None: the bare base), greedy
+        unless `do_sample`, each after its prompt's length in tokens (the image's included)."""
         from vllm import SamplingParams
 
         if num_beams != 1:
