@@ -18,9 +18,8 @@ from PIL import Image
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
 History = Sequence[Sequence[tuple[str, str]]] | None  # per example: earlier (prompt, reply) exchanges
-Images = Sequence[
-    "Image.Image | Sequence[Image.Image]"
-]  # per example: its image, or its images in turn order
+# per example: its image, or its images in turn order
+Images = Sequence["Image.Image | Sequence[Image.Image]"]
 # per example: how many of its images each user turn holds (None: all of them in the first)
 TurnImages = Sequence[Sequence[int] | None] | None
 
@@ -184,7 +183,10 @@ class Family(ABC):
             cap = max(self.default_max_pixels, min_pixels or fewest)
             if most > cap:
                 max_pixels = cap
-                said = f"images resized to at most {cap} pixels (--max-pixels; the checkpoint's processor allows {most})"
+                said = (
+                    f"images resized to at most {cap} pixels (--max-pixels; the checkpoint's processor allows "
+                    f"{most})"
+                )
         if min_pixels or max_pixels:
             self.set_pixels(processor, min_pixels, max_pixels)
         return said

@@ -92,8 +92,10 @@ def validate_train(cfg: TrainConfig) -> None:
             if rate <= 0:
                 p.append(f"--group-lr {group}: the learning rate must be positive (got {rate})")
         if cfg.packing and family.packable is None:
-            p.append(f"--packing: {family.name} cannot pack examples into rows (it needs a decoder-only language "
-                     "model that takes positions and an attention mask per example); train without it")  # fmt: skip
+            p.append(
+                f"--packing: {family.name} cannot pack examples into rows (it needs a decoder-only language "
+                "model that takes positions and an attention mask per example); train without it"
+            )
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
