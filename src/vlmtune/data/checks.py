@@ -101,8 +101,8 @@ def find_bad_conversations(
     """Every bad record of a conversation split, all at once: messages that do not parse (unknown roles, turns
     that do not alternate, an empty reply, image markers that do not match the images), no image or more
     than the family reads (`max_images`, None: any number), an image that does not decode, and what
-    `example_problem` finds in the examples a conversation gives (one --max-length would cut, say). `sizes` collects (w, h, mode) of every image, `good` the
-    conversations that pass."""
+    `example_problem` finds in the examples a conversation gives (one --max-length would cut, say). `sizes`
+    collects (w, h, mode) of every image, `good` the conversations that pass."""
     bad: list[BadRecord] = []
     has_images = images_column in (dataset.column_names or [])
     messages = iter_column(dataset, messages_column)

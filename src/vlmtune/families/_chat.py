@@ -223,8 +223,8 @@ class ChatFamily(TransformersVLM):
                 )
             kinds.append(found.pop())
         mine = own["input_ids"]
-        placeholders = mine.count(processor.tokenizer.convert_tokens_to_ids(self.image_token))
-        return ids, self._aligned_kinds(ids, mine, kinds), processed, len(ids) - len(mine) + placeholders
+        added = len(ids) - self._text_length(processor, mine)  # all the images', never --max-length's
+        return ids, self._aligned_kinds(ids, mine, kinds), processed, added
 
     def _aligned_kinds(self, ids: list[int], mine: list[int], kinds: list[str]) -> list[str]:
         """The kind of each of the processor's `ids`, from the tokenizer's own ids of the same text (`mine`,
@@ -279,8 +279,12 @@ class ChatFamily(TransformersVLM):
         pieces = self.pieces(processor, history, prompt, target, turn_images)
         text = "".join(piece for _, piece in pieces)
         own = processor.tokenizer(text, add_special_tokens=self._adds_specials(processor, text))["input_ids"]
-        placeholders = own.count(processor.tokenizer.convert_tokens_to_ids(self.image_token))
-        return len(own) - placeholders + 1  # + the target's end of turn
+        return self._text_length(processor, own) + 1  # + the target's end of turn
+
+    def _text_length(self, processor: Any, own: list[int]) -> int:
+        """What the tokenizer's own ids of a rendered text spend of --max-length: all but the placeholders.
+        (`encode` and `count_tokens` both count this way, so `data check` agrees with training.)"""
+        return len(own) - own.count(processor.tokenizer.convert_tokens_to_ids(self.image_token))
 
     def decode(self, processor: Any, tokens: Sequence[int] | torch.Tensor) -> str:
         self.bind(processor)

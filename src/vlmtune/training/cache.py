@@ -147,13 +147,14 @@ def kept_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         remove_abandoned(path.parent)
-    found = _readable(path, len(examples))
+    kept_sizes = _kept_sizes(path, len(examples))
+    found = kept_sizes is not None
     if accelerator.num_processes > 1:  # all read, or all compute together: the pass exchanges shares
         flag = torch.tensor([int(found)], device=accelerator.device)
         found = bool(accelerator.reduce(flag, "sum").item() == accelerator.num_processes)
     if found:
         if sizes is not None:
-            sizes.extend([tuple(size) for size in row] for row in json.loads(_sizes_file(path).read_text()))
+            sizes.extend(kept_sizes)
         return _load(path, dtype, accelerator), f"read from {path}"
     return build_feature_cache(model, family, collate, examples, keep_as=path, **build), f"kept in {path}"
 
@@ -193,17 +194,18 @@ def store_key(
     return key[0]
 
 
-def _readable(path: Path, n: int) -> bool:
+def _kept_sizes(path: Path, n: int) -> list[list[tuple[int, int]]] | None:
+    """The image sizes kept beside `path`'s features, if the features are complete for `n` examples (else
+    None: they are computed again)."""
     try:
-        if len(json.loads(_sizes_file(path).read_text())) != n:
-            return False
+        kept = [[tuple(size) for size in row] for row in json.loads(_sizes_file(path).read_text())]
         rows = np.load(path, mmap_mode="r").shape[0]
         if not _offsets_file(path).exists():
-            return rows == n
+            return kept if rows == n == len(kept) else None
         offsets = np.load(_offsets_file(path))
-        return len(offsets) == n + 1 and int(offsets[-1]) == rows
+        return kept if len(offsets) == n + 1 == len(kept) + 1 and int(offsets[-1]) == rows else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def _load(path: Path, dtype: torch.dtype, accelerator: Any) -> torch.Tensor | DiskFeatures | Ragged:
