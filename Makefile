@@ -67,13 +67,14 @@ bench-engines: vllm-env
 	$(VLLM_VENV)/bin/python bench/bench_engines.py
 
 # vlmtune against the seed recipe (as written and as corrected by hand) on a CPU proxy of BLIP-2, then each
-# kept speed option against its baseline, side by side (~6 minutes on 2 cores); bench/gpu.sh on a GPU.
+# kept speed option against its baseline, side by side (~9 minutes on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_steady.py --captions mixed --batch-sizes 32 --warmup 3 --steps 20 --profile-steps 0 \
 		--variants "max_length=128" "max_length=128,packing=true"
 	$(BIN)/python bench/bench_steady.py --batch-sizes 8 32 --warmup 5 --steps 30 --profile-steps 0 \
 		--variants 'dtype="bfloat16"' 'dtype="bfloat16",lora_dtype="base"'
+	$(BIN)/python bench/bench_logits.py --batch-size 64 --steps 5 --loss-chunk 256
 
 # The image-feature cache pass with one process and with two (several processes share one file per machine).
 bench-cache: $(BIN)/vlmtune

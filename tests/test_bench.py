@@ -56,6 +56,25 @@ def test_steady_state_benchmark_times_each_batch_size_and_profiles_a_step(tmp_pa
 
 
 @pytest.mark.slow
+def test_logits_benchmark_compares_the_three_losses():
+    """bench/bench_logits.py, small: a row per way of scoring the loss, the positions each computes logits
+    for (fewest in chunks: the targets alone), and each ratio against every position."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_logits.py"), "--batch-size", "2", "--steps", "1",
+           "--loss-chunk", "4"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    rows = dict(
+        re.findall(
+            r"^\| (every position|target positions|targets, chunked)\s+\|\s+([\d.]+) \|", done.stdout, re.M
+        )
+    )
+    assert list(rows) == ["every position", "target positions", "targets, chunked"]
+    assert float(rows["targets, chunked"]) < float(rows["target positions"]) < float(rows["every position"])
+    for way in ("target positions", "targets, chunked"):
+        assert re.search(rf"^{way}: \d+\.\d\dx samples/s, \d+\.\d\dx peak memory$", done.stdout, re.M), way
+
+
+@pytest.mark.slow
 def test_cache_benchmark_prints_its_table():
     """bench/bench_cache.py, small: one and two processes, each tier, and two processes share one file."""
     cmd = [sys.executable, str(REPO / "bench" / "bench_cache.py"), "--images", "16"]

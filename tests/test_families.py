@@ -168,6 +168,74 @@ def test_the_frozen_image_side_keeps_no_graph(kind, checkpoints, tmp_path):
     assert lora_b and all(g is not None for g in lora_b) and any(g.abs().sum() > 0 for g in lora_b)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_chunked_loss_is_the_models_own(kind, checkpoints):
+    """`--loss-chunk`: the output layer applied to the target positions only, a few at a time, gives the
+    model's own loss and the same gradient to every trainable weight (the head trained too, where it can be);
+    a model that scores its loss itself is refused by name."""
+    from vlmtune.config import TrainConfig
+    from vlmtune.modeling import add_lora
+    from vlmtune.training.loss import training_loss, transformers_model
+
+    family, processor, _ = loaded(checkpoints[kind])
+    torch.manual_seed(0)
+    model = add_lora(
+        AutoModelForImageTextToText.from_pretrained(checkpoints[kind]), family, TrainConfig(lora_dropout=0.0)
+    )
+    images = [image for image, _ in colour_examples(2)]
+    prompts = [family.caption_prompt, family.format_question("what colour is the ball?")]
+    batch = family.encode(
+        processor, images, prompts, ["a red ball", "red"], max_length=48, padding_side="right"
+    )
+    if family.own_loss():  # refused when asked for, the model's own loss by default
+        with pytest.raises(ValueError, match=family.name):
+            training_loss(model, family, batch, 3)
+        assert torch.equal(training_loss(model, family, dict(batch)), model(**batch).loss)
+        return
+    head = transformers_model(model).get_output_embeddings()
+    head.weight.requires_grad_(True)  # its gradient is checked too (tied to the input embeddings or not)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = training_loss(model, family, dict(batch), chunk)
+        grads = torch.autograd.grad(loss, trainable)
+        return loss.detach(), grads
+
+    own, own_grads = loss_and_grads(0)
+    for chunk in (3, None):  # several chunks (the targets are 4 to 7 tokens a row), and the default: one
+        loss, grads = loss_and_grads(chunk)
+        assert torch.allclose(loss, own, rtol=1e-5), (chunk, float(loss), float(own))
+        for p, g, o in zip(trainable, grads, own_grads, strict=True):
+            assert torch.allclose(g, o, rtol=1e-4, atol=1e-5), (chunk, p.shape, float((g - o).abs().max()))
+    # and the model is as it was: its output layer gives logits again, its loss is its own
+    assert model(**batch).logits.shape[-1] == head.out_features
+    assert torch.allclose(training_loss(model, family, dict(batch), 0), own)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_to_a_multiple_changes_no_loss(kind, checkpoints):
+    """--pad-to-multiple-of (on by default with --compile, for fixed shapes): rows padded on past their end
+    score the same loss, whatever the family keeps per position (masks, token types, image-token marks)."""
+    from vlmtune.data.batching import pad_to_multiple
+
+    family, processor, _ = loaded(checkpoints[kind])
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints[kind]).eval()
+    images = [image for image, _ in colour_examples(2)]
+    prompts = [family.caption_prompt, family.format_question("what colour is the ball?")]
+    batch = family.encode(
+        processor, images, prompts, ["a red ball", "red"], max_length=48, padding_side="right"
+    )
+    own = model(**batch).loss
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # never padded past
+    grew = 0
+    for multiple in (16, 128):
+        padded = pad_to_multiple(batch, multiple, processor.tokenizer.pad_token_id, limit)
+        assert padded["input_ids"].shape[1] in (limit, -(-batch["input_ids"].shape[1] // multiple) * multiple)
+        grew += padded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+        assert torch.allclose(model(**padded).loss, own, rtol=1e-5), multiple
+    assert grew
+
+
 def _tensors(out) -> list:
     """The tensors of a module's output (a tensor, a tuple, a ModelOutput)."""
     if torch.is_tensor(out):

@@ -12,18 +12,8 @@ from vlmtune.training.run import train
 
 
 def short(football, out, **kw):
-    return TrainConfig(
-        model="tiny",
-        data=football,
-        output=str(out),
-        max_steps=3,
-        batch_size=4,
-        lr=1e-2,
-        sample_every=0,
-        num_samples=1,
-        log_every=1,
-        **kw,
-    )
+    defaults = dict(max_steps=3, batch_size=4, lr=1e-2, sample_every=0, num_samples=1, log_every=1)
+    return TrainConfig(model="tiny", data=football, output=str(out), **(defaults | kw))
 
 
 def adapter(run):
@@ -125,12 +115,22 @@ def test_the_validation_split_is_written_to_the_run(football, tmp_path):
 @pytest.mark.slow
 def test_compiled_training_gives_the_same_losses(football, tmp_path):
     """--compile changes how the language model runs, not what it computes. (No dropout: compiled code draws
-    its random numbers differently.)"""
-    losses = {}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        run = train(short(football, tmp_path / name, compile=compiled, lora_dropout=0.0))
+    its random numbers differently.) Its batches are padded to a multiple of 32 positions, so the language
+    model compiles once per padded shape (here one: every batch pads to 64), static; unpadded, a second
+    length recompiles it. The sample captions at the end run eagerly (each decoding length would compile)."""
+    from torch._dynamo.utils import counters
+
+    losses, graphs = {}, {}
+    for name, extra in (("eager", {}), ("compiled", {"compile": True}),
+                        ("unpadded", {"compile": True, "pad_to_multiple_of": 0})):  # fmt: skip
+        torch._dynamo.reset()
+        counters.clear()
+        run = train(short(football, tmp_path / name, lora_dropout=0.0, max_steps=6, **extra))
         losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+        graphs[name] = counters["stats"]["unique_graphs"]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert losses["unpadded"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert graphs == {"eager": 0, "compiled": 1, "unpadded": 2}
 
 
 def test_replacing_a_directory_never_leaves_the_target_without_a_complete_version(tmp_path):
@@ -223,3 +223,24 @@ def test_lora_dtype_base_keeps_the_adapter_in_the_bases_dtype(football, tmp_path
     assert first["base"] == first["float32"]
     for run in runs.values():
         assert all(v.abs().sum() > 0 for k, v in adapter(run).items() if "lora_B" in k)
+
+
+def test_fixed_shapes_are_refused_where_they_cannot_apply(football, tmp_path):
+    from vlmtune.errors import ConfigError
+
+    for extra, said in (
+        ({"pad_to_multiple_of": -1}, "--pad-to-multiple-of must be 0"),
+        ({"pad_to_multiple_of": 32, "packing": True}, "with --packing, --pack-length fixes"),
+        ({"compile_mode": "reduce-overhead"}, "--compile-mode reduce-overhead needs --compile"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            train(short(football, tmp_path / "run", **extra))
+
+
+def test_padded_batches_train_the_same(football, tmp_path):
+    """--pad-to-multiple-of without compiling: every batch padded to 64 positions, the same losses."""
+    losses = {}
+    for name, multiple in (("longest", 0), ("padded", 64)):
+        run = train(short(football, tmp_path / name, lora_dropout=0.0, pad_to_multiple_of=multiple))
+        losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert losses["padded"] == pytest.approx(losses["longest"], rel=1e-5)

@@ -143,8 +143,23 @@ class TrainConfig:
     warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up linearly")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the language model")
+    loss_chunk: int | None = opt(
+        None,
+        "score the loss over the target positions only, this many at a time, so the batch's logits (positions "
+        "x vocabulary, in fp32) are never in memory at once; the same loss and gradients (default: 1024 where "
+        "the model allows; 0: the model's own loss, over every kept position)",
+    )
     compile: bool = opt(
         False, "torch.compile the language model (a minute or more of compiling first; pays off on long runs)"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = opt(
+        "default",
+        "torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU, one per padded shape)",
+    )
+    pad_to_multiple_of: int | None = opt(
+        None,
+        "pad each batch's positions up to a multiple of this, so a compiled model sees a few fixed shapes and "
+        "compiles each once (default: 32 with --compile, else 0: to the batch's longest example)",
     )
     vision_cache: Literal["auto", "off"] = opt(
         "auto",
@@ -184,6 +199,12 @@ class TrainConfig:
     tracker_project: str = opt(
         "vlmtune", "the project (W&B, trackio) or experiment (MLflow) runs are logged under"
     )
+
+    def padding_multiple(self) -> int:
+        """--pad-to-multiple-of, or its default: 32 when compiling (fixed shapes), else none."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return 32 if self.compile else 0
 
     def group_lrs(self) -> dict[str, float]:
         """--group-lr as {group: lr}, with --lr-vision / --lr-projector; a malformed item raises ConfigError."""

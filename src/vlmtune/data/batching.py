@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..families.base import IGNORE_INDEX
 from .packing import pack
 
 
@@ -22,6 +23,8 @@ class Collator:
     cached: bool = False  # images come from a feature cache: send their indices, not pixels
     train_history: bool = True  # a dialogue's earlier replies train too (not with --train-on-last-turn-only)
     pack: int | None = None  # pack the examples into rows of this many positions (0: the longest example's)
+    multiple: int = 0  # unpacked rows padded to a multiple of this many positions (a compiled model's shapes)
+    max_positions: int | None = None  # ... but never past the language model's position limit
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts, targets = [e["prompt"] for e in examples], [e["target"] for e in examples]
@@ -40,10 +43,34 @@ class Collator:
         else:
             images = [e["images"] for e in examples]
             batch = self.family.encode(self.processor, images, prompts, targets, **text)
-        if self.pack is None:
-            return batch
         pad = self.processor.tokenizer.pad_token_id
+        if self.pack is None:
+            return pad_to_multiple(batch, self.multiple, pad, self.max_positions) if self.multiple else batch
         return pack(batch, self.pack, pad, self.family.packable or ())
+
+
+def pad_to_multiple(
+    batch: dict[str, Any], multiple: int, pad_id: int, limit: int | None = None
+) -> dict[str, Any]:
+    """Right-padded rows padded on to the next multiple of `multiple` positions (or to `limit`, the model's
+    position limit, if that comes first): every per-position input (a tensor of `input_ids`' shape) grows, ids
+    with the pad token, labels with IGNORE_INDEX, masks and the rest with 0. Masked, unlabelled positions after
+    every row's end change no loss (tested for every family); a compiled model then sees a few shapes instead of
+    one per batch length."""
+    ids = batch["input_ids"]
+    length = ids.shape[1]
+    extra = -length % multiple
+    if limit is not None:
+        extra = max(0, min(extra, limit - length))
+    if not extra:
+        return batch
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+    return {
+        key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0))
+        if torch.is_tensor(value) and value.shape == ids.shape
+        else value
+        for key, value in batch.items()
+    }
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -409,6 +409,18 @@ class Family(ABC):
         """`batch` as the training forward should take it; a family may trim work the loss never reads."""
         return batch
 
+    def own_loss(self) -> str | None:
+        """Why the model scores its training loss itself, where it does: `--loss-chunk` replaces the
+        `loss_function` that transformers' models call with the output layer's logits, and cannot chunk a loss
+        computed inside the model. None: the model calls `loss_function`."""
+        return None
+
+    def logit_softcap(self, config: Any) -> float | None:
+        """The cap the model's forward applies to its logits (`cap * tanh(logits / cap)`) before the loss, if
+        any, read from its text config's `final_logit_softcapping`: `--loss-chunk` applies the output layer
+        itself, and so the cap too, and sets that attribute aside meanwhile."""
+        return None
+
     # --- generation -------------------------------------------------------------------------------------
 
     def vllm_prompt_ids(

@@ -48,6 +48,9 @@ class Blip(Family):
         self.bos_id, self.pad_id = text.bos_token_id, text.pad_token_id
         self.end_token_ids = frozenset([text.sep_token_id])
 
+    def own_loss(self) -> str | None:
+        return "BLIP's text decoder computes its cross-entropy itself, with label smoothing"
+
     def lora_target_modules(self) -> str:
         return BLIP_TARGETS
 

@@ -62,6 +62,9 @@ class Blip2(Family):
                 "revision of the checkpoint (the hub's main branch has it)."
             )
 
+    def own_loss(self) -> str | None:
+        return "T5 computes its decoder's loss itself" if self.encoder_decoder else None
+
     def lora_target_modules(self) -> str:
         return lora_targets(self.config.text_config, self.name)
 

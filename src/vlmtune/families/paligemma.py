@@ -46,6 +46,9 @@ class PaliGemma(TransformersVLM):
         self.num_image_tokens: int = config.text_config.num_image_tokens
         self.end_token_ids = end_tokens(config.text_config)
 
+    def logit_softcap(self, config: Any) -> float | None:
+        return getattr(config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2's 30
+
     def fixed_image_tokens(self) -> bool:
         return True  # every image resized to the tower's size: num_image_tokens each
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..families import IGNORE_INDEX, Family, to_model
 from .cache import with_features
+from .loss import training_loss
 
 
 @torch.no_grad()
@@ -22,6 +23,7 @@ def evaluate_loss(
     accelerator: Any,
     features: Any = None,
     upto: str | None = None,
+    loss_chunk: int | None = None,
 ) -> float:
     """Mean loss over `loader` (this process's share), weighted by each batch's number of target tokens and
     summed over every process; with `features`, the loader's batches carry image indices into them. Leaves
@@ -35,7 +37,8 @@ def evaluate_loss(
         else:
             batch = to_model(batch, accelerator.device, dtype)
         n = (batch["labels"] != IGNORE_INDEX).sum()  # each target token is scored once, in every family
-        total += torch.stack([model(**family.loss_inputs(batch)).loss.double() * n, n.double()])
+        loss = training_loss(model, family, batch, loss_chunk)
+        total += torch.stack([loss.double() * n, n.double()])
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -9,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,22 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluation import caption_metrics, evaluate_loss
+from .loss import training_loss
 from .pipeline import Batches
+
+
+@contextlib.contextmanager
+def eager(module: torch.nn.Module) -> Iterator[None]:
+    """`module` runs its plain forward within, even if `module.compile()` compiled it in place."""
+    compiled = getattr(module, "_compiled_call_impl", None)  # what nn.Module.compile sets, and __call__ reads
+    if compiled is None:
+        yield
+        return
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
 
 
 class StopOnSignal:
@@ -149,7 +166,7 @@ class Session:
                     )
             else:
                 batch = to_model(batch, accelerator.device, self.dtype)
-            loss = self.model(**family.loss_inputs(batch)).loss
+            loss = training_loss(self.model, family, batch, self.cfg.loss_chunk)
             accelerator.backward(loss)
             finite = True
             if accelerator.sync_gradients:
@@ -277,6 +294,7 @@ class Session:
                 self.accelerator,
                 data.val_features,
                 data.cache_upto,
+                self.cfg.loss_chunk,
             )
         record: dict[str, float] = {"val_loss": loss}
         if self.cfg.eval_metrics:
@@ -327,7 +345,8 @@ class Session:
             turn_images=[x["turn_images"] for x in examples],
         )
         # generate() bypasses the prepared forward and its autocast; k-bit preparation leaves some weights fp32.
-        with self.accelerator.autocast():
+        # A compiled language model generates eagerly: each decoding length would compile again.
+        with self.accelerator.autocast(), eager(self.family.language_model(inner)):
             return self.family.generate(inner, self.processor, batch, max_new_tokens=self.cfg.max_length)
 
     def show_samples(self, step: int, bar: Any) -> None:

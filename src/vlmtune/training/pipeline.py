@@ -58,7 +58,14 @@ def batches(
 ) -> Batches:
     """Examples, the feature cache when the vision side is frozen, the epoch order and the loaders."""
     train_history = not cfg.train_on_last_turn_only
-    collate = Collator(family, processor, cfg.max_length, train_history=train_history)
+    collate = Collator(
+        family,
+        processor,
+        cfg.max_length,
+        train_history=train_history,
+        multiple=cfg.padding_multiple(),
+        max_positions=getattr(model.config.get_text_config(), "max_position_embeddings", None),
+    )
     prompting = Prompting.of(cfg, family)
 
     def examples_of(split: Any, per_image: bool = False) -> Any:
@@ -123,7 +130,7 @@ def batches(
             val_features = cached(val_set, "validation", "feature_cache.val", val_sizes)
         cache_s = time.perf_counter() - clock
         train_items = examples.without_images(sizes)
-        train_collate = Collator(family, processor, cfg.max_length, cached=True, train_history=train_history)
+        train_collate = dataclasses.replace(collate, cached=True)
     if cfg.packing:  # the training batches only: validation and the cache pass read examples as they are
         train_collate = dataclasses.replace(train_collate, pack=cfg.pack_length)
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches: a map-style

@@ -96,6 +96,10 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--packing: {family.name} cannot pack examples into rows (it needs a decoder-only language "
                 "model that takes positions and an attention mask per example); train without it"
             )
+        if cfg.loss_chunk and family.own_loss():  # known from the config: before any weights load
+            p.append(
+                f"--loss-chunk: {family.name} cannot chunk its loss ({family.own_loss()}); train without it"
+            )
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
@@ -106,6 +110,16 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.lora_dtype == "base" and cfg.dtype == "float16":
         p.append("--lora-dtype base with --dtype float16: fp16 weights cannot train under a gradient scaler; use "
                  "--dtype bfloat16, or --lora-dtype float32")  # fmt: skip
+    if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
+        p.append(f"--loss-chunk must be 0 (the model's own loss) or more (got {cfg.loss_chunk})")
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 0:
+        p.append(f"--pad-to-multiple-of must be 0 (no padding) or more (got {cfg.pad_to_multiple_of})")
+    if cfg.pad_to_multiple_of and cfg.packing:
+        p.append(
+            "--pad-to-multiple-of pads unpacked rows; with --packing, --pack-length fixes the rows' length"
+        )
+    if cfg.compile_mode != "default" and not cfg.compile:
+        p.append(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.pack_length < 0:
         p.append(f"--pack-length must be 0 (the longest example) or more (got {cfg.pack_length})")
     for name in ("min_pixels", "max_pixels"):
@@ -177,8 +191,9 @@ def validate_engine(distributed_type: Any) -> None:
         )
 
 
-def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None:
-    """The checks that need the loaded model: LoRA targets that exist, disk for the checkpoints planned."""
+def validate_against_model(cfg: TrainConfig, model: Any, trainable: int, family: Any = None) -> None:
+    """The checks that need the loaded model: LoRA targets that exist, attention that packing can use, an
+    output layer that --loss-chunk can apply (with `family`, once LoRA is on), disk for the checkpoints."""
     import difflib
     import re
     import shutil
@@ -207,6 +222,12 @@ def validate_against_model(cfg: TrainConfig, model: Any, trainable: int) -> None
             f"--packing keeps packed examples apart with a 4D attention mask, which {attention} attention does "
             "not take: load the model with sdpa or eager attention, or train without --packing"
         )
+    if cfg.loss_chunk and family is not None:
+        from .loss import output_layer, transformers_model
+
+        why = output_layer(transformers_model(model), family)[1]
+        if why:
+            p.append(f"--loss-chunk: {why}; train without it")
     # Each checkpoint holds the trainable weights and AdamW's two moments, fp32: 12 bytes per parameter.
     need = 12 * trainable * (cfg.keep + 1) + 4 * trainable
     out = Path(cfg.output)

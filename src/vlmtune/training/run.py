@@ -226,9 +226,14 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     model = add_lora(model, family, cfg)
     if cfg.compile:
         # In place (nn.Module.compile): parameter names, and so the saved adapter, stay as they are. The
-        # language model is where training spends its time; the vision side runs once per image.
-        family.language_model(model).compile()
+        # language model is where training spends its time; the vision side runs once per image. With padded
+        # shapes (--pad-to-multiple-of) each shape is compiled once, static (what CUDA graphs need); without,
+        # torch marks the length dynamic at the second one.
+        family.language_model(model).compile(
+            mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+            dynamic=False if cfg.padding_multiple() else None,
+        )
     trainable, total = trainable_parameters(model)
-    validate_against_model(replace(cfg, lora_targets=None), model, trainable)
+    validate_against_model(replace(cfg, lora_targets=None), model, trainable, family)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model, processor, family
