@@ -34,20 +34,22 @@ def training_loss(
 ) -> torch.Tensor:
     """The loss of the model's forward on `batch`: over the target positions only, `chunk` at a time (None:
     `DEFAULT_CHUNK` where the model allows it, else its own loss), or the model's own loss (0)."""
-    with chunked_cross_entropy(model, family, chunk):
-        return model(**family.loss_inputs(batch)).loss
+    with chunked_cross_entropy(model, family, chunk) as chunking:
+        # In chunks the targets alone are scored already: the family's trim of the logits (a
+        # `logits_to_keep` that varies from batch to batch, and would recompile a compiled model) is moot.
+        return model(**(batch if chunking else family.loss_inputs(batch))).loss
 
 
 @contextmanager
-def chunked_cross_entropy(model: Any, family: Family, chunk: int | None) -> Iterator[None]:
-    """Within: `model`'s forward scores its loss chunk by chunk. A chunk size the model cannot take raises
-    ValueError; None chunks where it can."""
+def chunked_cross_entropy(model: Any, family: Family, chunk: int | None) -> Iterator[bool]:
+    """Within: `model`'s forward scores its loss chunk by chunk (yields True), or as its own (False). A chunk
+    size the model cannot take raises ValueError; None chunks where it can."""
     hf = transformers_model(model)
     head, why = output_layer(hf, family)
     if why and chunk:
         raise ValueError(f"--loss-chunk: {why}; train without it")
     if why or chunk == 0:
-        yield
+        yield False
         return
     chunk = chunk or DEFAULT_CHUNK
     softcap, text_config = family.logit_softcap(hf.config), hf.config.get_text_config()
@@ -59,7 +61,7 @@ def chunked_cross_entropy(model: Any, family: Family, chunk: int | None) -> Iter
     if softcap is not None:  # the model would cap the hidden states it passes on: the loss caps the logits
         text_config.final_logit_softcapping = None
     try:
-        yield
+        yield True
     finally:
         if softcap is not None:
             text_config.final_logit_softcapping = softcap
