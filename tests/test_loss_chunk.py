@@ -104,3 +104,16 @@ def test_loss_chunk_is_refused_where_the_model_scores_its_loss_itself(football, 
     # known only once LoRA is on: an output layer it wraps
     with pytest.raises(ConfigError, match="--loss-chunk: the output layer is a .*lora"):
         train(short(football, tmp_path / "head", loss_chunk=8, lora_targets=r".*(q_proj|lm_head)"))
+
+
+def test_chunks_under_gradient_checkpointing_train_the_same(football, tmp_path, capsys):
+    """Chunks checkpoint their logits inside a language model that checkpoints its layers: the same losses.
+    The log says how the loss is scored."""
+    losses = {}
+    for name, chunk in (("own", 0), ("chunked", None)):
+        run = train(short(football, tmp_path / name, loss_chunk=chunk, gradient_checkpointing=True))
+        losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    torch.testing.assert_close(losses["chunked"], losses["own"], rtol=1e-5, atol=0)
+    out = capsys.readouterr().out
+    assert "loss: the model's own, over every kept position (--loss-chunk 0)" in out
+    assert "loss: over the target positions only, 1024 at a time (--loss-chunk)" in out

@@ -72,6 +72,14 @@ def chunked_cross_entropy(model: Any, family: Family, chunk: int | None) -> Iter
             del hf._loss_function
 
 
+def describe(model: Any, family: Family, chunk: int | None) -> str:
+    """How the training loss will be scored, for the log."""
+    why = output_layer(transformers_model(model), family)[1]
+    if chunk == 0 or why:
+        return f"loss: the model's own, over every kept position ({why or '--loss-chunk 0'})"
+    return f"loss: over the target positions only, {chunk or DEFAULT_CHUNK} at a time (--loss-chunk)"
+
+
 def transformers_model(model: Any) -> Any:
     """The transformers model inside DDP's and peft's wrappers: the one whose forward scores the loss."""
     model = getattr(model, "module", model)  # DistributedDataParallel

@@ -35,6 +35,7 @@ from .checkpoint import (
     truncate_logs,
 )
 from .loop import Session
+from .loss import describe
 from .pipeline import batches, load_data, process
 from .preflight import validate_against_model, validate_engine, validate_train
 
@@ -236,4 +237,5 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     trainable, total = trainable_parameters(model)
     validate_against_model(replace(cfg, lora_targets=None), model, trainable, family)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    accelerator.print(describe(model, family, cfg.loss_chunk))
     return model, processor, family
