@@ -2,7 +2,7 @@
 
 A model's own loss turns every kept position into logits over the whole vocabulary, upcasts them to fp32 and
 only then ignores the positions without a label: with a 150k-token vocabulary, 8 rows of 2,048 positions are
-10 GiB of fp32 logits before the backward adds their gradient. Chunked, the output layer runs on the target
+9 GiB of fp32 logits before the backward adds their gradient. Chunked, the output layer runs on the target
 positions alone, N at a time, each chunk under activation checkpointing: its logits exist only while its loss
 (and, in the backward, its gradient) is computed. The loss and the gradients are the model's own: the same
 head, softcap and fp32 upcast per chunk, the same mean over the targets (a test checks it for every family).
