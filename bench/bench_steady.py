@@ -92,7 +92,8 @@ def one(args: argparse.Namespace) -> dict:
         hook.remove()
     done = read_jsonl(Path(out) / "metrics.jsonl")[-1]
     r: dict = {"batch": args.batch, "cache_s": done["cache_s"], "steps": len(stamps)}
-    steady = stamps[args.warmup :][: args.steps + 1]
+    # from the stamp at the end of the last warm-up step to the last timed step's: `steps` steps
+    steady = stamps[args.warmup - 1 :][: args.steps + 1]
     seconds = steady[-1] - steady[0]
     r["samples_per_s"] = args.batch * (len(steady) - 1) / seconds
     r["step_ms"] = 1000 * seconds / (len(steady) - 1)
@@ -206,6 +207,8 @@ def main() -> None:
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be at least 1 (the timing starts at the end of a warm-up step)")
     if args.one:
         print(json.dumps(one(args)))
         return

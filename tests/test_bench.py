@@ -75,6 +75,32 @@ def test_logits_benchmark_compares_the_three_losses():
 
 
 @pytest.mark.slow
+def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
+    """bench/gpu.sh with SMOKE=1 (the CPU proxy, a few images and steps) and every optional part: the same
+    commands and settings the next lent GPU runs, so a wiring mistake costs no device time. Each part writes
+    its results, and every variant row is there."""
+    import os
+
+    env = dict(os.environ, SMOKE="1", VARIANTS="1", COMPILE="1", TQDM_DISABLE="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # its `python` is this one
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert set(json.loads(out.read_text())["results"]) >= {
+        "seed-train",
+        "seed-corrected-train",
+        "vlmtune-train",
+    }
+    variants = {}
+    for part in ("steady", "variants", "compile"):
+        rows = json.loads((tmp_path / f"gpu_{part}.json").read_text())["rows"]
+        assert rows and all(r.get("samples_per_s", 0) > 0 for r in rows), part
+        variants[part] = {r.get("variant", "") for r in rows}
+    assert len(variants["variants"]) == 3 and len(variants["compile"]) == 4, variants
+
+
+@pytest.mark.slow
 def test_cache_benchmark_prints_its_table():
     """bench/bench_cache.py, small: one and two processes, each tier, and two processes share one file."""
     cmd = [sys.executable, str(REPO / "bench" / "bench_cache.py"), "--images", "16"]
