@@ -67,7 +67,7 @@ bench-engines: vllm-env
 	$(VLLM_VENV)/bin/python bench/bench_engines.py
 
 # vlmtune against the seed recipe (as written and as corrected by hand) on a CPU proxy of BLIP-2, then each
-# kept speed option against its baseline, side by side (~9 minutes on 2 cores); bench/gpu.sh on a GPU.
+# kept speed option against its baseline, side by side (~6 minutes on 2 cores); bench/gpu.sh on a GPU.
 bench: $(BIN)/vlmtune
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_steady.py --captions mixed --batch-sizes 32 --warmup 3 --steps 20 --profile-steps 0 \
