@@ -120,7 +120,7 @@ def test_compiled_training_gives_the_same_losses(football, tmp_path):
     length recompiles it. The sample captions at the end run eagerly (each decoding length would compile)."""
     from torch._dynamo.utils import counters
 
-    losses, graphs = {}, {}
+    losses, graphs, samples = {}, {}, {}
     for name, extra in (("eager", {}), ("compiled", {"compile": True}),
                         ("unpadded", {"compile": True, "pad_to_multiple_of": 0})):  # fmt: skip
         torch._dynamo.reset()
@@ -128,7 +128,9 @@ def test_compiled_training_gives_the_same_losses(football, tmp_path):
         run = train(short(football, tmp_path / name, lora_dropout=0.0, max_steps=6, **extra))
         losses[name] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
         graphs[name] = counters["stats"]["unique_graphs"]
+        samples[name] = [r["caption"] for r in read_jsonl(run / "samples.jsonl")]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert samples["compiled"] == samples["eager"] and samples["eager"]  # generated eagerly: no graph counted
     assert losses["unpadded"] == pytest.approx(losses["eager"], rel=1e-4)
     assert graphs == {"eager": 0, "compiled": 1, "unpadded": 2}
 

@@ -150,7 +150,9 @@ class TrainConfig:
         "the model allows; 0: the model's own loss, over every kept position)",
     )
     compile: bool = opt(
-        False, "torch.compile the language model (a minute or more of compiling first; pays off on long runs)"
+        False,
+        "torch.compile the language model (a minute or more of compiling first; meant for long GPU runs: on "
+        "the CPU it measured slower even in steady state)",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = opt(
         "default",
