@@ -232,7 +232,10 @@ def test_fixed_shapes_are_refused_where_they_cannot_apply(football, tmp_path):
 
     for extra, said in (
         ({"pad_to_multiple_of": -1}, "--pad-to-multiple-of must be 0"),
-        ({"pad_to_multiple_of": 32, "packing": True}, "with --packing, --pack-length fixes"),
+        (
+            {"pad_to_multiple_of": 32, "packing": True},
+            "--pad-to-multiple-of pads unpacked rows, and --packing",
+        ),
         ({"compile_mode": "reduce-overhead"}, "--compile-mode reduce-overhead needs --compile"),
     ):
         with pytest.raises(ConfigError, match=said):

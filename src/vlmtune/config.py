@@ -161,7 +161,8 @@ class TrainConfig:
     pad_to_multiple_of: int | None = opt(
         None,
         "pad each batch's positions up to a multiple of this, so a compiled model sees a few fixed shapes and "
-        "compiles each once (default: 32 with --compile, else 0: to the batch's longest example)",
+        "compiles each once (default: 32 with --compile and no --packing, else 0: to the batch's longest "
+        "example)",
     )
     vision_cache: Literal["auto", "off"] = opt(
         "auto",
@@ -203,10 +204,10 @@ class TrainConfig:
     )
 
     def padding_multiple(self) -> int:
-        """--pad-to-multiple-of, or its default: 32 when compiling (fixed shapes), else none."""
+        """--pad-to-multiple-of, or its default: 32 when compiling unpacked rows (fixed shapes), else none."""
         if self.pad_to_multiple_of is not None:
             return self.pad_to_multiple_of
-        return 32 if self.compile else 0
+        return 32 if self.compile and not self.packing else 0  # packed rows vary in number and width
 
     def group_lrs(self) -> dict[str, float]:
         """--group-lr as {group: lr}, with --lr-vision / --lr-projector; a malformed item raises ConfigError."""

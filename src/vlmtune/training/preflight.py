@@ -115,9 +115,7 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 0:
         p.append(f"--pad-to-multiple-of must be 0 (no padding) or more (got {cfg.pad_to_multiple_of})")
     if cfg.pad_to_multiple_of and cfg.packing:
-        p.append(
-            "--pad-to-multiple-of pads unpacked rows; with --packing, --pack-length fixes the rows' length"
-        )
+        p.append("--pad-to-multiple-of pads unpacked rows, and --packing packs them; choose one")
     if cfg.compile_mode != "default" and not cfg.compile:
         p.append(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.pack_length < 0:

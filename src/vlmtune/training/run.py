@@ -228,8 +228,8 @@ def _load_model(cfg: TrainConfig, accelerator: Any) -> tuple[Any, Any, Family]:
     if cfg.compile:
         # In place (nn.Module.compile): parameter names, and so the saved adapter, stay as they are. The
         # language model is where training spends its time; the vision side runs once per image. With padded
-        # shapes (--pad-to-multiple-of) each shape is compiled once, static (what CUDA graphs need); without,
-        # torch marks the length dynamic at the second one.
+        # shapes (--pad-to-multiple-of) each shape is compiled once, static (what CUDA graphs need); without
+        # (packed rows too), torch marks the length dynamic at the second one.
         family.language_model(model).compile(
             mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
             dynamic=False if cfg.padding_multiple() else None,
