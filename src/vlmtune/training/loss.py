@@ -90,9 +90,9 @@ def output_layer(hf: Any, family: Family) -> tuple[torch.nn.Linear | None, str |
     """The model's output layer if the chunked loss can apply it itself, else (None, why not): the model
     scores its loss itself, or the head is not a plain linear layer (a LoRA-wrapped or quantised head would
     lose its adapter or its dequantisation)."""
-    why = family.own_loss()
+    why = unchunkable(family)
     if why:
-        return None, f"{family.name} cannot chunk its loss ({why})"
+        return None, why
     head = hf.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return None, (
@@ -100,6 +100,12 @@ def output_layer(hf: Any, family: Family) -> tuple[torch.nn.Linear | None, str |
             "or quantised?)"
         )
     return head, None
+
+
+def unchunkable(family: Family) -> str | None:
+    """Why `family`'s model cannot have its loss chunked, known from its config alone (None: it can)."""
+    why = family.own_loss()
+    return f"{family.name} cannot chunk its loss ({why})" if why else None
 
 
 def _unchanged(hidden: torch.Tensor) -> torch.Tensor:

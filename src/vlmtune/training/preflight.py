@@ -66,6 +66,7 @@ def validate_train(cfg: TrainConfig) -> None:
 
     from ..families import family_for
     from ..modeling import ModelLoadError, load_config
+    from .loss import unchunkable
 
     try:
         # The config alone: an unknown or unsupported model, or an unreachable hub id, before any weights.
@@ -96,10 +97,8 @@ def validate_train(cfg: TrainConfig) -> None:
                 f"--packing: {family.name} cannot pack examples into rows (it needs a decoder-only language "
                 "model that takes positions and an attention mask per example); train without it"
             )
-        if cfg.loss_chunk and family.own_loss():  # known from the config: before any weights load
-            p.append(
-                f"--loss-chunk: {family.name} cannot chunk its loss ({family.own_loss()}); train without it"
-            )
+        if cfg.loss_chunk and unchunkable(family):  # known from the config: before any weights load
+            p.append(f"--loss-chunk: {unchunkable(family)}; train without it")
         unknown = [g for g in cfg.groups() if g not in family.groups]
         if unknown:
             offered = ", ".join(f"{g} ({why})" for g, why in family.groups.items()) or "none"
